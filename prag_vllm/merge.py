@@ -1,0 +1,79 @@
+"""Update: merge the top-k per-document LoRAs into ONE exact LoRA of rank Σ r_j.
+
+For documents j = 1..k with factors A_j ``[r_j, in]``, B_j ``[out, r_j]`` and scaling
+s_j = alpha_j / r_j, the merged adapter is
+
+    A = [A_1; ...; A_k]            (rows concatenated,   [Σr_j, in])
+    B = [c_1 B_1, ..., c_k B_k]    (columns concatenated, [out, Σr_j]),  c_j = s_j / s
+
+with merged scaling s = alpha / Σr_j, so that s · B A = Σ_j s_j B_j A_j exactly. When
+all documents share one scaling (the normal case) alpha is chosen so that s = s_j and
+every c_j = 1: no tensor is rescaled and the merge is exact in any dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+from prag_vllm.adapters import AdapterStore, LoraAdapter
+from prag_vllm.errors import AdapterError
+
+logger = logging.getLogger(__name__)
+
+
+def merge_adapters(adapters: list[LoraAdapter]) -> LoraAdapter:
+    """Concatenate ``adapters`` into one LoRA whose ΔW is the sum of theirs."""
+    import torch
+
+    if not adapters:
+        raise AdapterError("nothing to merge: no adapters given")
+    modules = list(adapters[0].weights)
+    for ad in adapters[1:]:
+        if set(ad.weights) != set(modules):
+            raise AdapterError("cannot merge adapters that target different modules")
+    if len({ad.base_model for ad in adapters}) > 1:
+        raise AdapterError(f"cannot merge adapters of different base models: {sorted({a.base_model for a in adapters})}")
+    rank = sum(ad.r for ad in adapters)
+    scalings = [ad.scaling for ad in adapters]
+    scaling = scalings[0] if len(set(scalings)) == 1 else 1.0
+    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module in modules:
+        a = torch.cat([ad.weights[module][0] for ad in adapters], dim=0)
+        bs = []
+        for ad, s_j in zip(adapters, scalings):
+            b = ad.weights[module][1]
+            bs.append(b if s_j == scaling else (b.float() * (s_j / scaling)).to(b.dtype))
+        merged[module] = (a, torch.cat(bs, dim=1))
+    return LoraAdapter(r=rank, alpha=scaling * rank, weights=merged, base_model=adapters[0].base_model,
+                       target_modules=adapters[0].target_modules, meta={"kind": "merged"})
+
+
+def merged_key(doc_ids: list[str]) -> str:
+    """Cache key of a merge: order-independent hash of the document-id set."""
+    h = hashlib.sha256()
+    for doc_id in sorted(set(doc_ids)):
+        h.update(doc_id.encode("utf-8") + b"\x00")
+    return h.hexdigest()[:32]
+
+
+class MergedAdapterCache:
+    """Merged adapters written once per document set under ``<root>/merged/<key>/``."""
+
+    def __init__(self, store: AdapterStore, root: str | os.PathLike | None = None):
+        self.store = store
+        self.root = Path(root) if root is not None else store.root / "merged"
+
+    def get(self, doc_ids: list[str]) -> Path:
+        """Path of the PEFT directory of the merged adapter for ``doc_ids`` (built if missing)."""
+        ids = sorted(set(doc_ids))
+        path = self.root / merged_key(ids)
+        if (path / "prag_meta.json").is_file():
+            return path
+        merged = merge_adapters([self.store.load(i) for i in ids])
+        merged.meta = {"kind": "merged", "doc_ids": ids}
+        merged.save(path, dtype=next(iter(merged.weights.values()))[0].dtype)
+        logger.debug("merged %d adapters into %s", len(ids), path)
+        return path

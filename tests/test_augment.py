@@ -1,0 +1,77 @@
+"""Augmentation: robust QA parsing, retries, skip-with-warning, batching and resume."""
+
+import logging
+
+from conftest import DOCS
+from prag_vllm.augment import AugmentConfig, augment_corpus, keeps_numbers, load_augmentations, parse_qa
+
+
+class FakeLLM:
+    """Scripted ChatGenerator: records every batch; QA replies come from ``qa_reply(doc_text, attempt)``."""
+
+    def __init__(self, qa_reply):
+        self.calls = []
+        self.qa_reply = qa_reply
+        self.attempts = {}
+
+    def chat(self, conversations, *, max_tokens, temperature=0.0, seed=None):
+        self.calls.append(len(conversations))
+        outs = []
+        for conv in conversations:
+            text = conv[-1]["content"]
+            passage = text.split("Passage:\n", 1)[1]
+            if text.startswith("Rewrite"):
+                outs.append("Rewritten: " + passage)
+            else:
+                n = self.attempts[passage] = self.attempts.get(passage, 0) + 1
+                outs.append(self.qa_reply(passage, n))
+        return outs
+
+
+GOOD = '[{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]'
+
+
+def test_parse_qa_formats():
+    assert parse_qa("Sure! " + GOOD + " Done.", 3) == [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
+    lines = "1. Question: Who?\nAnswer: Bob\n2. Question: When?\nAnswer: 1990\n"
+    assert parse_qa(lines, 3) == [{"question": "Who?", "answer": "Bob"}, {"question": "When?", "answer": "1990"}]
+    assert parse_qa(GOOD, 1) == [{"question": "Q1?", "answer": "A1"}]
+    for bad in ["", "no idea", "[{broken json", '[{"question": "", "answer": "x"}]', '[1, 2]', '{"question": "q"}']:
+        assert parse_qa(bad, 3) == []
+
+
+def test_keeps_numbers():
+    assert keeps_numbers("born 14 March 1961, 3,412 m", "in 1961 (14 March), 3,412 m high")
+    assert not keeps_numbers("born 14 March 1961", "born in March")
+
+
+def test_malformed_output_does_not_abort(tmp_path, caplog):
+    bad_doc = DOCS[1].passage
+
+    def reply(passage, attempt):
+        if passage == bad_doc:
+            return "I cannot do that."           # never parses
+        return "garbage" if attempt == 1 else GOOD  # parses on the retry
+
+    llm = FakeLLM(reply)
+    with caplog.at_level(logging.WARNING):
+        out = augment_corpus(DOCS, llm, tmp_path / "aug.jsonl", AugmentConfig(batch_size=4, max_retries=2))
+    assert set(out) == {d.id for d in DOCS}
+    assert out["d2"].qa_failed and out["d2"].qa == []
+    assert all(out[d].qa and not out[d].qa_failed for d in ("d1", "d3", "d4"))
+    assert any("did not parse" in r.message and "d2" in r.message for r in caplog.records)
+    # batched: 1 rewrite call + 3 QA attempts for the batch of 4, not one call per document
+    assert llm.calls == [4, 4, 4, 1]
+    assert out["d1"].rewrites == ["Rewritten: " + DOCS[0].passage]
+
+
+def test_resume_skips_done_documents(tmp_path):
+    path = tmp_path / "aug.jsonl"
+    augment_corpus(DOCS[:2], FakeLLM(lambda p, n: GOOD), path, AugmentConfig(batch_size=8))
+    with open(path, "a") as fh:
+        fh.write('{"id": "d3", "rewr')  # a torn line from a crash
+    llm = FakeLLM(lambda p, n: GOOD)
+    out = augment_corpus(DOCS, llm, path, AugmentConfig(batch_size=8))
+    assert llm.calls == [2, 2], "only the two unfinished documents are generated"
+    assert set(load_augmentations(path)) == {d.id for d in DOCS}
+    assert len(out) == 4

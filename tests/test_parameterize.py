@@ -1,0 +1,72 @@
+"""Per-document LoRA training: format, hyper-parameters, resume and warm-up init."""
+
+import json
+
+import torch
+
+from conftest import AUGS, DOCS
+from prag_vllm.adapters import AdapterStore, LoraAdapter
+from prag_vllm.parameterize import DocumentTrainer, TrainConfig, parameterize_corpus, training_texts
+
+CFG = TrainConfig(epochs=2, precision="float32", lr=1e-2)
+
+
+def test_training_texts(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = training_texts(DOCS[0], AUGS["d1"], tok)
+    assert len(texts) == 2  # (passage, rewrite) x 1 QA pair
+    assert texts[0].startswith(DOCS[0].passage) and "Where was Velmora Quist born?" in texts[0] and "Ostrevik" in texts[0]
+    assert training_texts(DOCS[2], None, tok) == [DOCS[2].passage]
+
+
+def test_train_store_and_resume(tiny_model_dir, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    trainer = DocumentTrainer(tiny_model_dir, CFG)
+    summary = parameterize_corpus(DOCS[:3], AUGS, store, tiny_model_dir, CFG, trainer=trainer)
+    assert summary["trained"] == 3 and summary["skipped"] == 0
+    ad = store.load("d1")
+    cfg = json.loads((store.path("d1") / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (2, 32.0, 0.0)
+    assert sorted(cfg["target_modules"]) == ["down_proj", "gate_proj", "up_proj"]
+    assert {m.rsplit(".", 1)[1] for m in ad.weights} == {"gate_proj", "up_proj", "down_proj"}
+    assert all(a.dtype == torch.bfloat16 for a, _ in ad.weights.values())
+    assert any(b.abs().sum() > 0 for _, b in ad.weights.values()), "B moved away from its zero init"
+    mtime = (store.path("d1") / "adapter_model.safetensors").stat().st_mtime_ns
+
+    calls = []
+    real_train = trainer.train
+    trainer.train = lambda doc, aug: calls.append(doc.id) or real_train(doc, aug)
+    summary = parameterize_corpus(DOCS, AUGS, store, tiny_model_dir, CFG, trainer=trainer)
+    assert calls == ["d4"] and summary["skipped"] == 3 and summary["trained"] == 1
+    assert (store.path("d1") / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_training_is_deterministic_per_document(tiny_model_dir):
+    """A document's adapter does not depend on what was trained before it."""
+    t = DocumentTrainer(tiny_model_dir, CFG)
+    first, _ = t.train(DOCS[0], AUGS["d1"])
+    t.train(DOCS[1], AUGS["d2"])
+    again, _ = t.train(DOCS[0], AUGS["d1"])
+    for m in first.weights:
+        assert torch.equal(first.weights[m][0], again.weights[m][0]) and torch.equal(first.weights[m][1], again.weights[m][1])
+
+
+def test_loss_decreases(tiny_model_dir):
+    t = DocumentTrainer(tiny_model_dir, TrainConfig(epochs=1, precision="float32", lr=1e-2))
+    _, one = t.train(DOCS[0], AUGS["d1"])
+    t.cfg.epochs = 15
+    _, many = t.train(DOCS[0], AUGS["d1"])
+    assert many["final_loss"] < one["final_loss"]
+
+
+def test_warmup_init(tiny_model_dir, tmp_path):
+    t = DocumentTrainer(tiny_model_dir, CFG)
+    warm, _ = t.train(DOCS[3], None)
+    warm.save(tmp_path / "warm", dtype=torch.float32)
+    t2 = DocumentTrainer(tiny_model_dir, TrainConfig(epochs=1, lr=0.0, precision="float32", warmup_adapter=str(tmp_path / "warm")))
+    same, _ = t2.train(DOCS[0], AUGS["d1"])  # lr 0: the adapter stays exactly the warm-up init
+    loaded = LoraAdapter.load(tmp_path / "warm")
+    for m in same.weights:
+        assert torch.equal(same.weights[m][1], loaded.weights[m][1])
