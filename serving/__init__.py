@@ -1,0 +1,1 @@
+"""The OpenAI-compatible FastAPI server (see the server issue); empty for now."""
