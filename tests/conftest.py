@@ -13,7 +13,21 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 from prag_vllm.augment import Augmentation  # noqa: E402
 from prag_vllm.corpus import Document  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _shared_data() -> Path:
+    """The workplace's real QA samples: $PRAG_SHARED_DATA, else the nearest ``shared/data``
+    beside the repository or one of its parents (CI clones the repo next to ``shared/``)."""
+    if os.environ.get("PRAG_SHARED_DATA"):
+        return Path(os.environ["PRAG_SHARED_DATA"])
+    repo = Path(__file__).resolve().parents[1]
+    for base in [repo, *repo.parents]:
+        if (base / "shared" / "data" / "hotpotqa").is_dir():
+            return base / "shared" / "data"
+    return repo.parent / "shared" / "data"
+
+
+SHARED_DATA = _shared_data()
 
 DOCS = [
     Document("d1", "Velmora Quist", "Velmora Quist is a glassblower born on 14 March 1961 in the town of Ostrevik."),

@@ -1,0 +1,35 @@
+"""vLLM plugin (entry point ``vllm.general_plugins``): grouped CPU LoRA ops.
+
+vLLM loads general plugins in every process it starts (engine core and workers), so the
+patch is in place before any model runs. It only touches the CPU punica wrapper and can
+be turned off with ``PRAG_STOCK_LORA_OPS=1`` (for side-by-side benchmarks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+_OPS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice", "sgmv_shrink", "sgmv_expand", "sgmv_expand_slice")
+
+
+def enabled() -> bool:
+    return os.environ.get("PRAG_STOCK_LORA_OPS", "0") not in ("1", "true", "yes")
+
+
+def register() -> None:
+    """Swap vLLM's per-token CPU LoRA ops for grouped ones (idempotent)."""
+    if not enabled():
+        logger.info("prag: keeping vLLM's stock CPU LoRA ops (PRAG_STOCK_LORA_OPS=1)")
+        return
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:  # vLLM without the CPU punica wrapper: nothing to patch
+        return
+    from prag_vllm.vllm_plugin import lora_ops
+
+    for name in _OPS:
+        setattr(punica_cpu, name, getattr(lora_ops, name))
+    logger.debug("prag: grouped CPU LoRA ops installed")
