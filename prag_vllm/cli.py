@@ -93,13 +93,15 @@ def cmd_index(args) -> int:
 
 
 def cmd_augment(args) -> int:
-    from prag_vllm.augment import AugmentConfig, augment_corpus
+    from prag_vllm.augment import AugmentConfig, augment_corpus, load_augmentations
     from prag_vllm.corpus import load_corpus
 
     docs = load_corpus(args.corpus)[: args.limit]
     cfg = AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa, batch_size=args.batch_size)
-    with _engine(args, enable_lora=False) as engine:
-        done = augment_corpus(docs, engine, args.ws.augmented, cfg)
+    done = load_augmentations(args.ws.augmented)
+    if any(d.id not in done for d in docs):  # start an engine only if there is work left
+        with _engine(args, enable_lora=False) as engine:
+            done = augment_corpus(docs, engine, args.ws.augmented, cfg)
     failed = sum(done[d.id].qa_failed for d in docs)
     print(f"augmented {len(docs)} documents into {args.ws.augmented} ({failed} without QA pairs)")
     return 0

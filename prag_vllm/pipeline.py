@@ -120,9 +120,16 @@ class ParametricRAG:
         todo = [(q, m) for q in questions for m in ([q.mode] if q.mode else modes) if (q.id, m) not in done]
         if done:
             logger.info("answer: %d rows already in %s, resuming with %d", len(done), out_path, len(todo))
+        # one stream of batches, but a batch never mixes modes: latency_s is then per mode
+        order = {m: i for i, m in enumerate(MODES)}
+        todo.sort(key=lambda item: order[item[1]])
+        chunks, start = [], 0
+        for end in range(1, len(todo) + 1):
+            if end == len(todo) or end - start == batch_size or todo[end][1] != todo[start][1]:
+                chunks.append(todo[start:end])
+                start = end
         with JsonlAppender(out_path) as log, tqdm(total=len(todo), desc="answer", unit="q") as bar:
-            for s in range(0, len(todo), batch_size):
-                chunk = todo[s:s + batch_size]
+            for chunk in chunks:
                 prepared = [self.prepare(q.question, m, q.k) for q, m in chunk]
                 t0 = time.perf_counter()
                 gens = self.engine.generate([p.messages for p in prepared], [p.adapter for p in prepared],
