@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+
+from common import run_metadata
 
 CONFIGS = [("no-lora", "0", False), ("stock-ops+lora", "1", True), ("grouped-ops+lora", "0", True)]
 
@@ -71,8 +71,7 @@ def main() -> int:
         print(f"| {r['config']} | {r['seconds']:.1f} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     from prag_vllm.fileio import atomic_write_json
-    atomic_write_json(args.out, {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                 "machine": f"{platform.machine()}, {os.cpu_count()} cores", "results": rows})
+    atomic_write_json(args.out, {**run_metadata(), "results": rows})
     return 0
 
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+
+from common import run_metadata
 
 from prag_vllm.adapters import AdapterStore
 from prag_vllm.augment import load_augmentations
-from prag_vllm.corpus import load_corpus
+from prag_vllm.corpus import load_corpus, save_corpus_jsonl
 from prag_vllm.fileio import atomic_write_json
 from prag_vllm.generate import EngineConfig, VLLMEngine
 from prag_vllm.models import DEFAULT_MODEL, resolve_model
@@ -52,7 +52,6 @@ def main() -> int:
     needed = {h.doc.id for hits in retriever.retrieve([q.question for q in questions], args.top_k) for h in hits}
     sub = [d for d in docs if d.id in needed]
     sub_path = work / "retrieved_corpus.jsonl"
-    from prag_vllm.corpus import save_corpus_jsonl
     save_corpus_jsonl(sub, sub_path)
     logger.info("%d questions retrieve %d distinct documents", len(questions), len(sub))
     subprocess.run([sys.executable, "-m", "prag_vllm.cli", "augment", "--work-dir", str(work), "--corpus",
@@ -84,10 +83,8 @@ def main() -> int:
     for r in results:
         cost = f"{r['train_s_per_doc']:.1f}" if r.get("train_s_per_doc") else ("reused" if r["epochs"] else "-")
         print(f"| {r['epochs']} | {r['mode']} | {r['questions']} | {r['em']:.3f} | {r['f1']:.3f} | {cost} |")
-    atomic_write_json(work / "sweep.json", {
-        "command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-        "model": args.model, "documents": len(sub), "results": results})
+    atomic_write_json(work / "sweep.json", {**run_metadata(), "model": args.model, "documents": len(sub),
+                                            "results": results})
     engine.close()
     return 0
 

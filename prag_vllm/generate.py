@@ -107,9 +107,10 @@ class VLLMEngine:
         self._lora_ids: dict[str, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="prag-null-lora-")
         self.null_adapter: Path | None = None
-        self.guard = cfg.null_adapter_guard if cfg.null_adapter_guard is not None else not grouped_ops_active()
-        logger.info("CPU LoRA ops: %s; zero-adapter guard %s", "grouped (prag plugin)" if grouped_ops_active()
-                    else "vLLM stock", "on" if self.guard else "off")
+        grouped = grouped_ops_active()
+        self.guard = cfg.null_adapter_guard if cfg.null_adapter_guard is not None else not grouped
+        logger.info("CPU LoRA ops: %s; zero-adapter guard %s", "grouped (prag plugin)" if grouped else "vLLM stock",
+                    "on" if self.guard else "off")
         if cfg.enable_lora:
             model_config = AutoConfig.from_pretrained(cfg.model)
             self.null_adapter = LoraAdapter.zeros(model_config, base_model=cfg.model).save(Path(self._tmp.name) / "null")
