@@ -11,3 +11,7 @@ class InputError(PragError):
 
 class AdapterError(PragError):
     """An adapter file is missing, corrupt or does not fit the model."""
+
+
+class RetrievalError(PragError):
+    """A retrieval backend cannot be used: server unreachable, index missing or of the wrong shape."""
