@@ -4,11 +4,16 @@ export HF_HUB_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test setup clean-demo
+.PHONY: demo serve test setup clean-demo
 
 demo:  ## the main job: parameterize an invented corpus and answer it in all five modes
 	scripts/setup.sh qwen2.5-coder-0.5b-instruct
 	$(VENV)/bin/prag demo --work-dir runs/demo
+
+serve:  ## the OpenAI-compatible server on 127.0.0.1:8000 (demo corpus, default model; adapters made on first run)
+	scripts/setup.sh qwen2.5-coder-0.5b-instruct
+	$(VENV)/bin/prag demo --work-dir runs/demo --offline-only
+	$(VENV)/bin/prag serve --work-dir runs/demo $(SERVE_ARGS)
 
 test:  ## the test suite (unit tests + one shared vLLM engine on SmolLM2-135M)
 	scripts/setup.sh smollm2-135m-instruct

@@ -52,18 +52,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; on success it is renamed to ``final``.
 
     If ``final`` already exists it is replaced. On error the temporary directory is
-    removed, so a crash never leaves a half-written ``final`` visible.
+    removed, so a crash never leaves a half-written ``final`` visible. ``durable=False``
+    skips the fsyncs (still atomic for readers, not across a power cut): for scratch files.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
-        for child in tmp.iterdir():
+        for child in tmp.iterdir() if durable else ():
             if child.is_file():
                 with open(child, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -75,7 +76,8 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        if durable:
+            _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

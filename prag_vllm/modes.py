@@ -20,11 +20,15 @@ def question_prompt(question: str) -> str:
     return QUESTION_TEMPLATE.format(question=question.strip())
 
 
-def _context_message(question: str, passages: list[str]) -> list[dict]:
+def context_block(passages: list[str]) -> str:
+    """The passages as shown in a prompt (numbered), or "" when there are none."""
     if not passages:
-        return [{"role": "user", "content": question_prompt(question)}]
-    context = "\n\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1))
-    return [{"role": "user", "content": CONTEXT_TEMPLATE.format(context=context) + question_prompt(question)}]
+        return ""
+    return CONTEXT_TEMPLATE.format(context="\n\n".join(f"[{i}] {p}" for i, p in enumerate(passages, 1)))
+
+
+def _context_message(question: str, passages: list[str]) -> list[dict]:
+    return [{"role": "user", "content": context_block(passages) + question_prompt(question)}]
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,14 @@ class Mode:
     """Whether the merged adapter of the retrieved documents is applied."""
     description: str = ""
 
+    def passages(self, in_context: list[Document], augmentations: dict[str, Augmentation] | None = None) -> list[str]:
+        """The text shown in the prompt for each in-context document."""
+        return [d.passage for d in in_context]
+
     def messages(self, question: str, in_context: list[Document],
                  augmentations: dict[str, Augmentation] | None = None) -> list[dict]:
         """Chat messages for ``question``; ``in_context`` are documents to show in the prompt."""
-        return _context_message(question, [d.passage for d in in_context])
+        return _context_message(question, self.passages(in_context, augmentations))
 
 
 @dataclass(frozen=True)
@@ -62,14 +70,14 @@ class DARag(Mode):
     name: str = "da-rag"
     description: str = "DA-RAG: passages, their rewrites and QA pairs in the prompt"
 
-    def messages(self, question, in_context, augmentations=None):
+    def passages(self, in_context, augmentations=None):
         augmentations = augmentations or {}
         passages = []
         for d in in_context:
             aug = augmentations.get(d.id)
             parts = [d.passage] + ([*aug.rewrites, *(f"Q: {p['question']} A: {p['answer']}" for p in aug.qa)] if aug else [])
             passages.append("\n".join(parts))
-        return _context_message(question, passages)
+        return passages
 
 
 @dataclass(frozen=True)

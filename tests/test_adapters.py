@@ -49,3 +49,21 @@ def test_store_ids_never_become_paths(tiny_model_dir, tmp_path):
     assert store.has(evil) and store.path(evil).parent == tmp_path / "store" / "docs"
     assert len(doc_key(evil)) == 32 and "/" not in doc_key(evil)
     assert store.load(evil).meta["doc_id"] == evil
+
+
+def test_fast_safetensors_writer_matches_the_library(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from prag_vllm.adapters import write_safetensors_fast
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.lora_A.weight": torch.randn(2, 7, generator=g).bfloat16(),
+               "a.lora_B.weight": torch.randn(5, 2, generator=g),
+               "b.lora_A.weight": torch.randn(3, 3, generator=g).half()[:, :2].contiguous()}
+    write_safetensors_fast(tensors, tmp_path / "fast.safetensors")
+    save_file(tensors, str(tmp_path / "lib.safetensors"))
+    fast, lib = load_file(str(tmp_path / "fast.safetensors")), load_file(str(tmp_path / "lib.safetensors"))
+    assert fast.keys() == lib.keys() == tensors.keys()
+    for k in tensors:
+        assert fast[k].dtype == tensors[k].dtype and torch.equal(fast[k], tensors[k])

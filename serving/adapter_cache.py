@@ -1,0 +1,232 @@
+"""Update, online: per-document adapters -> one merged adapter per document set, LRU-cached.
+
+Two caches, both bounded:
+
+* :class:`DocAdapterCache` keeps validated per-document adapters in memory (so a merge
+  reads no file), and remembers documents whose adapter is unusable (corrupt, wrong
+  shapes): those are answered in context instead and never reach vLLM.
+* :class:`MergedAdapterLRU` keeps merged adapters (PEFT directories vLLM loads) keyed by
+  the sorted document-id set, bounded in count and bytes. Concurrent requests for the
+  same set share one merge (single flight); an entry in use by a running request is
+  pinned and never evicted. Evicted entries are deleted and unloaded from vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prag_vllm.adapters import AdapterStore, LoraAdapter
+from prag_vllm.errors import AdapterError
+from prag_vllm.merge import merge_adapters, merged_key
+
+logger = logging.getLogger(__name__)
+
+
+def expected_shapes(model_config) -> dict[str, tuple[int, int]]:
+    """Module path -> (in, out) for every FFN projection of ``model_config``."""
+    h, i, n = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+    io = {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    return {f"model.layers.{layer}.mlp.{name}": dims for layer in range(n) for name, dims in io.items()}
+
+
+def check_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, int]], max_rank: int) -> None:
+    """Raise :class:`AdapterError` unless every module of ``adapter`` exists in the model with matching shapes."""
+    if not 1 <= adapter.r <= max_rank:
+        raise AdapterError(f"rank {adapter.r} outside 1..{max_rank}")
+    for module, (a, b) in adapter.weights.items():
+        if module not in shapes:
+            raise AdapterError(f"module {module} is not an FFN projection of the served model")
+        fan_in, fan_out = shapes[module]
+        if tuple(a.shape) != (adapter.r, fan_in) or tuple(b.shape) != (fan_out, adapter.r):
+            raise AdapterError(f"module {module}: shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the served model "
+                               f"({adapter.r}x{fan_in} / {fan_out}x{adapter.r})")
+
+
+class DocAdapterCache:
+    """Validated per-document adapters, LRU in memory; thread-safe."""
+
+    def __init__(self, store: AdapterStore, shapes: dict[str, tuple[int, int]], max_rank: int,
+                 max_bytes: int = 512 << 20, model_id: str | None = None):
+        self.store = store
+        self.shapes = shapes
+        self.max_rank = max_rank
+        self.model_id = model_id
+        """Identity of the served model (:func:`prag_vllm.adapters.model_identity`); adapters
+        stamped with another one are rejected."""
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, tuple[LoraAdapter, int]] = OrderedDict()
+        self._bytes = 0
+        self.rejected: dict[str, str] = {}
+        """Document id -> why its adapter is unusable."""
+        self._lock = threading.Lock()
+
+    def has(self, doc_id: str) -> bool:
+        """An adapter file exists and was not rejected."""
+        return doc_id not in self.rejected and self.store.has(doc_id)
+
+    def get(self, doc_id: str) -> LoraAdapter | None:
+        """The validated adapter, or None if there is none or it is unusable (logged once)."""
+        with self._lock:
+            if doc_id in self._items:
+                self._items.move_to_end(doc_id)
+                return self._items[doc_id][0]
+            if doc_id in self.rejected:
+                return None
+        if not self.store.has(doc_id):
+            return None
+        try:
+            adapter = self.store.load(doc_id)
+            check_fits(adapter, self.shapes, self.max_rank)
+            trained_on = adapter.meta.get("base_model_id")
+            if self.model_id and trained_on and trained_on != self.model_id:
+                raise AdapterError(f"trained on another base model (identity {trained_on}, served {self.model_id})")
+        except AdapterError as exc:
+            logger.warning("adapter of document %r rejected, it will be answered in context: %s", doc_id, exc)
+            with self._lock:
+                self.rejected[doc_id] = str(exc)
+            return None
+        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
+        with self._lock:
+            self._items[doc_id] = (adapter, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, (_, n) = self._items.popitem(last=False)
+                self._bytes -= n
+        return adapter
+
+
+@dataclass
+class MergedEntry:
+    """One merged adapter on disk, as vLLM sees it."""
+
+    key: str
+    doc_ids: tuple[str, ...]
+    path: Path
+    lora_id: int
+    """vLLM's integer adapter id (never reused)."""
+    rank: int
+    nbytes: int
+    refs: int = 0
+    """Requests currently using it (pinned while > 0)."""
+    merge_seconds: float = 0.0
+    pending: asyncio.Future | None = field(default=None, repr=False)
+
+    @property
+    def lora_name(self) -> str:
+        return f"prag-{self.key[:16]}-{self.lora_id}"
+
+
+class MergedAdapterLRU:
+    """Merged adapters keyed by document-id set; bounded by ``max_entries`` and ``max_bytes``."""
+
+    def __init__(self, docs: DocAdapterCache, root: str | Path, max_entries: int, max_bytes: int,
+                 on_evict: Callable[[MergedEntry], None] | None = None):
+        self.docs = docs
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.on_evict = on_evict
+        self._entries: OrderedDict[str, MergedEntry] = OrderedDict()
+        self._next_id = 1
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def size(self) -> int:
+        return sum(1 for e in self._entries.values() if e.pending is None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    async def acquire(self, doc_ids: list[str]) -> tuple[MergedEntry | None, list[str], bool]:
+        """Pin the merged adapter of the usable adapters among ``doc_ids``.
+
+        Returns (entry or None when no document has a usable adapter, the document ids
+        that were left out because their adapter is unusable, cache hit?). Call
+        :meth:`release` with the entry when the request is done.
+        """
+        ids = sorted(set(doc_ids))
+        entry = self._entries.get(merged_key(ids)) if ids else None
+        if entry is None:
+            usable = await asyncio.to_thread(lambda: [i for i in ids if self.docs.get(i) is not None])
+            left_out = [i for i in ids if i not in usable]
+            ids = usable
+            if not ids:
+                return None, left_out, False
+            entry = self._entries.get(merged_key(ids))
+        else:
+            left_out = []
+        if entry is not None:
+            if entry.pending is not None:  # another request is merging this set right now
+                entry.refs += 1
+                try:
+                    await asyncio.shield(entry.pending)
+                except BaseException:
+                    entry.refs -= 1
+                    raise
+                self.hits += 1
+                return entry, left_out, True
+            self._entries.move_to_end(entry.key)
+            entry.refs += 1
+            self.hits += 1
+            return entry, left_out, True
+        self.misses += 1
+        key = merged_key(ids)
+        entry = MergedEntry(key=key, doc_ids=tuple(ids), path=self.root / key, lora_id=self._next_id, rank=0,
+                            nbytes=0, refs=1, pending=asyncio.get_running_loop().create_future())
+        self._next_id += 1
+        self._entries[key] = entry
+        try:
+            t0 = time.perf_counter()
+            entry.rank, entry.nbytes = await asyncio.to_thread(self._build, ids, entry.path)
+            entry.merge_seconds = time.perf_counter() - t0
+        except BaseException as exc:
+            del self._entries[key]
+            entry.pending.set_exception(exc if isinstance(exc, Exception) else AdapterError("merge cancelled"))
+            entry.pending.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        entry.pending.set_result(None)
+        entry.pending = None
+        self._evict()
+        return entry, left_out, False
+
+    def release(self, entry: MergedEntry | None) -> None:
+        if entry is not None:
+            entry.refs -= 1
+            self._evict()
+
+    def _build(self, ids: list[str], path: Path) -> tuple[int, int]:
+        adapters = [self.docs.get(i) for i in ids]
+        if any(a is None for a in adapters):
+            raise AdapterError(f"adapter of one of {ids} became unusable during the merge")
+        merged = merge_adapters(adapters)
+        merged.meta = {"kind": "merged", "doc_ids": ids}
+        merged.save(path, dtype=next(iter(merged.weights.values()))[0].dtype, scratch=True)
+        nbytes = sum(f.stat().st_size for f in path.iterdir())
+        return merged.r, nbytes
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            victim = next((e for e in self._entries.values() if e.refs <= 0 and e.pending is None), None)
+            if victim is None:  # everything pinned: over the bound until requests finish
+                return
+            del self._entries[victim.key]
+            shutil.rmtree(victim.path, ignore_errors=True)
+            logger.debug("evicted merged adapter %s (%d documents)", victim.key, len(victim.doc_ids))
+            if self.on_evict is not None:
+                self.on_evict(victim)
+
+    def clear(self) -> None:
+        for e in list(self._entries.values()):
+            shutil.rmtree(e.path, ignore_errors=True)
+        self._entries.clear()

@@ -1,0 +1,125 @@
+"""Generate, online: vLLM's async engine in-process, one LoRA request per merged adapter.
+
+Why in-process ``AsyncLLM`` rather than driving a separate vLLM OpenAI server: every
+request carries its own freshly merged adapter, so the app must hand vLLM a
+``LoRARequest`` per request, pin it while the request runs and unload it when the LRU
+evicts it. In-process that is a function call (no HTTP hop, no dynamic-LoRA endpoint,
+no second process to supervise), and concurrent requests still share vLLM's continuous
+batches. Tokens are streamed straight from the engine's output queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prag_vllm.adapters import LoraAdapter
+from prag_vllm.generate import grouped_ops_active
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSettings:
+    """What :class:`AsyncEngine` passes to vLLM."""
+
+    model: str
+    """Local Hugging Face model directory."""
+    dtype: str = "bfloat16"
+    max_model_len: int = 4096
+    max_lora_rank: int = 8
+    max_loras: int = 8
+    max_cpu_loras: int | None = None
+    max_num_seqs: int = 32
+    seed: int = 0
+
+
+@dataclass
+class Delta:
+    """New output of one request since the previous delta."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class AsyncEngine:
+    """Start with :meth:`start` inside the server's event loop; :meth:`shutdown` at exit."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.llm = None
+        self.guard = False
+        self._tmp = tempfile.TemporaryDirectory(prefix="prag-engine-")
+        self.null_adapter: Path | None = None
+
+    def start(self) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        t0 = time.perf_counter()
+        args = AsyncEngineArgs(model=s.model, dtype=s.dtype, max_model_len=s.max_model_len, seed=s.seed,
+                               max_num_seqs=s.max_num_seqs, enable_lora=True, max_lora_rank=s.max_lora_rank,
+                               max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras)
+        self.llm = AsyncLLM.from_engine_args(args)
+        # No fix for the vLLM-cpu slot bug loaded: every adapter-less request then runs with an
+        # all-zero adapter, since any request may share a batch with adapter requests.
+        self.guard = not grouped_ops_active()
+        if self.guard:
+            cfg = AutoConfig.from_pretrained(s.model)
+            self.null_adapter = LoraAdapter.zeros(cfg, base_model=s.model).save(Path(self._tmp.name) / "null")
+        logger.info("vLLM async engine ready in %.1f s (%s, %s); CPU LoRA ops %s", time.perf_counter() - t0, s.model,
+                    s.dtype, "stock + zero-adapter guard" if self.guard else "grouped (prag plugin)")
+
+    @property
+    def healthy(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
+    def lora_request(self, name: str, lora_id: int, path: Path):
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(lora_name=name, lora_int_id=lora_id, lora_path=str(path))
+
+    async def load_adapter(self, name: str, lora_id: int, path: Path) -> None:
+        """Load an adapter into vLLM ahead of its request (so 'adapter ready' is measurable)."""
+        await self.llm.add_lora(self.lora_request(name, lora_id, path))
+
+    async def unload_adapter(self, lora_id: int) -> None:
+        try:
+            await self.llm.remove_lora(lora_id)
+        except Exception as exc:  # already gone from vLLM's own LRU: nothing to free
+            logger.debug("remove_lora(%d): %s", lora_id, exc)
+
+    async def stream(self, prompt_ids: list[int], request_id: str, *, max_tokens: int, temperature: float,
+                     top_p: float, seed: int | None, stop: list[str] | None, presence_penalty: float,
+                     frequency_penalty: float, adapter: tuple[str, int, Path] | None) -> AsyncIterator[Delta]:
+        """Generate for one request, yielding text deltas; aborted in vLLM if the consumer stops early."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                output_kind=RequestOutputKind.DELTA)
+        if adapter is None and self.guard and self.null_adapter is not None:
+            adapter = ("prag-null", 1 << 30, self.null_adapter)
+        lora = self.lora_request(*adapter) if adapter is not None else None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), params, request_id,
+                                           lora_request=lora):
+            c = out.outputs[0]
+            yield Delta(text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason)
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+        self._tmp.cleanup()
