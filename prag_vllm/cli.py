@@ -85,46 +85,24 @@ def cmd_fetch_model(args) -> int:
 
 def cmd_index(args) -> int:
     from prag_vllm.corpus import load_corpus
-    from prag_vllm.retrieve import BM25Retriever
+    from prag_vllm.retrieve.factory import build_retriever, describe, retriever_config_from_args
 
-    retriever = BM25Retriever.build_or_load(load_corpus(args.corpus), args.ws.index_dir)
-    print(f"indexed {len(retriever)} documents in {args.ws.index_dir}")
+    cfg = retriever_config_from_args(args, args.ws.index_dir)
+    retriever = build_retriever(cfg, load_corpus(args.corpus))
+    print(f"indexed {len(retriever)} documents in {describe(cfg)}")
     return 0
 
 
 def cmd_augment(args) -> int:
-    from prag_vllm.augment import AugmentConfig, augment_corpus, load_augmentations
-    from prag_vllm.corpus import load_corpus
+    from prag_vllm.offline_commands import run_augment
 
-    docs = load_corpus(args.corpus)[: args.limit]
-    cfg = AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa, batch_size=args.batch_size)
-    done = load_augmentations(args.ws.augmented)
-    if any(d.id not in done for d in docs):  # start an engine only if there is work left
-        with _engine(args, enable_lora=False) as engine:
-            done = augment_corpus(docs, engine, args.ws.augmented, cfg)
-    failed = sum(done[d.id].qa_failed for d in docs)
-    print(f"augmented {len(docs)} documents into {args.ws.augmented} ({failed} without QA pairs)")
-    return 0
+    return run_augment(args, lambda: _engine(args, enable_lora=False))
 
 
 def cmd_parameterize(args) -> int:
-    from prag_vllm.augment import load_augmentations
-    from prag_vllm.corpus import load_corpus
-    from prag_vllm.parameterize import TrainConfig, parameterize_corpus, store_dir_size
+    from prag_vllm.offline_commands import run_parameterize
 
-    docs = load_corpus(args.corpus)[: args.limit]
-    augs = load_augmentations(args.ws.augmented)
-    missing = [d.id for d in docs if d.id not in augs]
-    if missing and not args.no_augmentation:
-        raise InputError(f"{len(missing)} documents have no augmentation in {args.ws.augmented} "
-                         f"(run `prag augment` first, or pass --no-augmentation)")
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size,
-                      warmup_adapter=args.warmup_adapter)
-    store = args.ws.store(_model_path(args))
-    summary = parameterize_corpus(docs, augs, store, args.model_path, cfg)
-    summary["store_bytes"] = store_dir_size(store.root / "docs") if (store.root / "docs").exists() else 0
-    print(json.dumps(summary))
-    return 0
+    return run_parameterize(args, lambda: _model_path(args))
 
 
 def cmd_merge(args) -> int:
@@ -146,10 +124,10 @@ def cmd_answer(args) -> int:
     from prag_vllm.augment import load_augmentations
     from prag_vllm.corpus import load_corpus
     from prag_vllm.pipeline import ParametricRAG, format_table, load_questions, summarize
-    from prag_vllm.retrieve import BM25Retriever
+    from prag_vllm.retrieve.factory import retriever_from_args
 
     questions = load_questions(args.questions)
-    retriever = BM25Retriever.build_or_load(load_corpus(args.corpus), args.ws.index_dir)
+    retriever = retriever_from_args(args, load_corpus(args.corpus), args.ws.index_dir)
     with _engine(args) as engine:
         rag = ParametricRAG(retriever, args.ws.store(_model_path(args)), engine,
                             load_augmentations(args.ws.augmented), default_k=args.top_k)
@@ -159,10 +137,17 @@ def cmd_answer(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from serving.config import config_from_args
+    from serving.server import serve
+
+    return serve(config_from_args(args))
+
+
 def cmd_demo(args) -> int:
     from prag_vllm.demo import run_demo
 
-    return run_demo(args.ws, args.model, epochs=args.epochs, dtype=args.dtype)
+    return run_demo(args.ws, args.model, epochs=args.epochs, dtype=args.dtype, answer=not args.offline_only)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -174,7 +159,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from prag_vllm.models import DEFAULT_MODEL
+    from prag_vllm.offline_commands import add_parameterize_arguments, add_shard_argument
     from prag_vllm.parameterize import TrainConfig
+    from prag_vllm.retrieve.factory import add_retriever_arguments
 
     p = _Parser(prog="prag", description="Parametric RAG on vLLM")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -194,12 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list known models").set_defaults(func=cmd_models, work_dir=None, model=None)
     add("fetch-model", cmd_fetch_model, "fetch and convert a model into the cache", corpus=False)
-    add("index", cmd_index, "build the BM25 index of a corpus", model=False)
+    add_retriever_arguments(add("index", cmd_index, "build the BM25 index of a corpus", model=False))
     sp = add("augment", cmd_augment, "rewrite documents and generate QA pairs (vLLM, batched)")
     sp.add_argument("--n-rewrites", type=int, default=1)
     sp.add_argument("--n-qa", type=int, default=3)
     sp.add_argument("--batch-size", type=_positive, default=32)
     sp.add_argument("--limit", type=_positive, default=None, help="only the first N documents")
+    add_shard_argument(sp)
     sp = add("parameterize", cmd_parameterize, "train one LoRA per document into the adapter store")
     sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
     sp.add_argument("--lr", type=float, default=TrainConfig.lr)
@@ -207,20 +195,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--warmup-adapter", default=None, help="PEFT adapter dir to initialise from")
     sp.add_argument("--no-augmentation", action="store_true", help="train on the raw passages if not augmented")
     sp.add_argument("--limit", type=_positive, default=None, help="only the first N documents")
+    add_parameterize_arguments(sp)
     sp = add("merge", cmd_merge, "merge per-document adapters into one PEFT adapter", corpus=False)
     sp.add_argument("--doc-id", action="append", required=True)
     sp.add_argument("--store", default=None, help="adapter store (default: the workspace's for --model)")
     sp.add_argument("--out", required=True)
     sp = add("answer", cmd_answer, "answer a JSON Lines file of questions")
+    add_retriever_arguments(sp)
     sp.add_argument("--questions", required=True)
     sp.add_argument("--out", required=True, help="output JSON Lines (appended to; resumable)")
     sp.add_argument("--mode", type=_modes, default=["parametric"], help="comma-separated modes or 'all'")
     sp.add_argument("--top-k", type=_top_k, default=3)
     sp.add_argument("--batch-size", type=_positive, default=64)
     sp.add_argument("--max-tokens", type=_positive, default=32)
+    from serving.config import add_arguments
+
+    sp = sub.add_parser("serve", help="the OpenAI-compatible server (same flags as `python -m serving`)")
+    sp.set_defaults(func=cmd_serve)
+    add_arguments(sp)
     sp = add("demo", cmd_demo, "the end-to-end demo on an invented corpus", corpus=False)
     sp.set_defaults(work_dir="runs/demo")
     sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
+    sp.add_argument("--offline-only", action="store_true", help="index, augment and parameterize; answer nothing")
+    from prag_vllm.evaluation.cli import add_eval_command
+
+    add_eval_command(sub)
     return p
 
 

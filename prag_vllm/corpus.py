@@ -68,6 +68,14 @@ def load_jsonl_corpus(path: Path) -> list[Document]:
     return docs
 
 
+def join_sentences(sentences: list) -> str:
+    """One paragraph from its sentences: HotpotQA's carry their leading space, 2Wiki's do not."""
+    out = ""
+    for s in map(str, sentences):
+        out += s if not out or out[-1].isspace() or s[:1].isspace() else " " + s
+    return out.strip()
+
+
 def paragraphs_from_multihop(questions: list, where: str) -> list[Document]:
     """Pool the ``context`` paragraphs of HotpotQA / 2Wiki questions, deduplicated.
 
@@ -85,7 +93,7 @@ def paragraphs_from_multihop(questions: list, where: str) -> list[Document]:
             if not (isinstance(para, (list, tuple)) and len(para) == 2 and isinstance(para[1], list)):
                 raise InputError(f"{where}: question {qn}: a context entry is not [title, [sentences]]")
             title = str(para[0]).strip()
-            text = "".join(str(s) for s in para[1]).strip()
+            text = join_sentences(para[1])
             if not text or (title, text) in seen:
                 continue
             n = per_title.get(title, 0) + 1

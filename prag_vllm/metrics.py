@@ -1,8 +1,15 @@
 """Answer extraction and SQuAD-style metrics (exact match, token F1, max over aliases).
 
-Answer extraction: the first non-empty line of the generation, with a leading
-``Answer:`` label, surrounding quotes/asterisks and one trailing period removed. It is
-NOT cut at the first comma (that would truncate dates such as "August 25, 1963").
+Answer extraction (:func:`extract_answer`): the first line of the generation that is
+not empty once a leading label (``Answer:``, ``Final answer:``, ``The answer is``) is
+removed, with surrounding quotes/asterisks and one trailing period stripped. It is NOT cut at the first comma, as
+the paper's code does (that truncates dates such as "August 25, 1963" and names such as
+"Paris, France").
+
+Normalization (:func:`normalize_answer`, SQuAD / HotpotQA official): lower case, ASCII
+punctuation removed, the articles a/an/the removed, whitespace collapsed. F1 is token
+F1; when the prediction or the gold answer normalizes to yes/no/noanswer, F1 is 1 only
+on an exact match (HotpotQA official). EM and F1 are each the maximum over the aliases.
 """
 
 from __future__ import annotations
@@ -12,20 +19,23 @@ import string
 from collections import Counter
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_LABEL = re.compile(r"^\s*(?:final\s+)?answer\s*[:：]\s*", re.IGNORECASE)
+_LABEL = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer[*_]*(?:\s+to\s+(?:the|this)\s+question)?"
+                    r"(?:\s+is\b\s*[:：]?|\s*[:：])[*_]*\s*", re.IGNORECASE)
+_PUNCTUATION = frozenset(string.punctuation)
 
 
 def extract_answer(generation: str) -> str:
-    lines = [ln.strip() for ln in generation.strip().splitlines() if ln.strip()]
-    if not lines:
-        return ""
-    ans = _LABEL.sub("", lines[0]).strip().strip("*\"'`").strip()
-    return ans[:-1] if ans.endswith(".") else ans
+    """The short answer in a generation (see the module docstring); "" for an empty one."""
+    for line in generation.splitlines():  # a bare "Answer:" line: the answer is on the next one
+        ans = _LABEL.sub("", line.strip().lstrip("*_ ")).strip().strip("*\"'`").strip()
+        if ans:
+            return ans[:-1] if ans.endswith(".") else ans
+    return ""
 
 
 def normalize_answer(text: str) -> str:
     text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
     text = _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 

@@ -37,27 +37,36 @@ class Question:
     """Per-row mode; None means the modes given on the command line."""
     k: int | None = None
     """Per-row top-k; None means the default."""
+    type: str | None = None
+    """The dataset's question sub-type (HotpotQA: bridge/comparison; 2Wiki: comparison, ...)."""
 
 
 def load_questions(path: str | os.PathLike) -> list[Question]:
-    """Read questions JSON Lines: ``question`` required; ``id``, ``answers``/``answer``, ``mode``, ``k`` optional."""
+    """Read questions JSON Lines: ``question`` required; ``id``, ``answers``/``answer``, ``mode``, ``k``, ``type`` optional."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"questions file not found: {path}")
     rows = read_jsonl(path)
     if not rows:
         raise InputError(f"questions file is empty: {path}")
+    return questions_from_rows(rows, str(path))
+
+
+def questions_from_rows(rows: list, where: str) -> list[Question]:
+    """Validate question rows (as in a questions JSON Lines file) into :class:`Question` objects."""
     out, seen = [], set()
     for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: row {n} is not a JSON object")
         q = row.get("question")
         if not isinstance(q, str) or not q.strip():
-            raise InputError(f"{path}: row {n} has no 'question'")
+            raise InputError(f"{where}: row {n} has no 'question'")
         qid = str(row.get("id", n))
         if qid in seen:
-            raise InputError(f"{path}: row {n}: duplicate id {qid!r}")
+            raise InputError(f"{where}: row {n}: duplicate id {qid!r}")
         seen.add(qid)
-        answers = row.get("answers", row.get("answer", []))
-        answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+        answers = row.get("answers", row.get("answer"))
+        answers = [] if answers is None else [str(a) for a in answers] if isinstance(answers, list) else [str(answers)]
         mode = row.get("mode")
         if mode is not None:
             get_mode(mode)
@@ -66,8 +75,10 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
             try:
                 check_top_k(k)
             except InputError as exc:
-                raise InputError(f"{path}: row {n}: {exc}") from None
-        out.append(Question(id=qid, question=q.strip(), answers=answers, mode=mode, k=k))
+                raise InputError(f"{where}: row {n}: {exc}") from None
+        qtype = row.get("type")
+        out.append(Question(id=qid, question=q.strip(), answers=answers, mode=mode, k=k,
+                            type=str(qtype) if qtype is not None else None))
     return out
 
 
@@ -143,6 +154,8 @@ class ParametricRAG:
                            "parametric": p.parametric, "in_context": p.in_context,
                            "prompt_tokens": g.prompt_tokens, "prep_s": round(p.prep_seconds, 5),
                            "latency_s": round(p.prep_seconds + gen_each, 5)}
+                    if q.type is not None:
+                        row["type"] = q.type
                     if q.answers:
                         em, f1 = best_scores(answer, q.answers)
                         row.update(answers=q.answers, em=em, f1=f1)

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from prag_vllm.adapters import AdapterStore
+from prag_vllm.adapters import WEIGHTS_FILE, AdapterStore, sha256_file
+from prag_vllm.errors import AdapterError
+from prag_vllm.fileio import atomic_write_json
+
+if TYPE_CHECKING:
+    from prag_vllm.parameterize import TrainConfig
+
+logger = logging.getLogger(__name__)
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def training_settings(cfg: TrainConfig) -> dict:
+    """The training settings that change a document's adapter (the warm-up init by content)."""
+    init = "random"
+    if cfg.warmup_adapter:
+        weights = Path(cfg.warmup_adapter) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise AdapterError(f"warm-up adapter not found: {weights}")
+        init = "warmup:" + sha256_file(weights)[:16]
+    return {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "max_length": cfg.max_length, "seed": cfg.seed, "precision": cfg.precision, "init": init}
+
+
+def training_key(cfg: TrainConfig) -> str:
+    """Directory name of an adapter set: readable prefix + short hash of :func:`training_settings`."""
+    settings = training_settings(cfg)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"r{cfg.rank}-e{cfg.epochs}-{settings['init'].split(':')[0]}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -28,6 +59,27 @@ class Workspace:
     def augmented(self) -> Path:
         return self.root / "augmented.jsonl"
 
-    def store(self, model_path: str | os.PathLike) -> AdapterStore:
-        """Adapters are per base model: ``adapters/<model directory name>/``."""
-        return AdapterStore(self.root / "adapters" / Path(model_path).name)
+    def store(self, model_path: str | os.PathLike, cfg: TrainConfig | None = None) -> AdapterStore:
+        """Adapters are per base model and training settings: ``adapters/<model>/<training_key(cfg)>/``.
+
+        With ``cfg`` None (answering, merging) the model's only adapter set is used; if it has
+        several, the one of the default :class:`TrainConfig` (a warning names the others).
+        """
+        from prag_vllm.parameterize import TrainConfig
+
+        base = self.root / "adapters" / Path(model_path).name
+        if cfg is None:
+            sets = sorted(p.parent for p in base.glob(f"*/{TRAIN_CONFIG_FILE}"))
+            if len(sets) == 1:
+                return AdapterStore(sets[0])
+            if not sets and (base / "docs").is_dir():  # layout before adapter sets were keyed
+                return AdapterStore(base)
+            default = base / training_key(TrainConfig())
+            if sets:
+                logger.warning("adapter sets in %s: %s; using the default training settings' (%s)",
+                               base, ", ".join(p.name for p in sets), default.name)
+            return AdapterStore(default)
+        root = base / training_key(cfg)
+        if not (root / TRAIN_CONFIG_FILE).is_file():
+            atomic_write_json(root / TRAIN_CONFIG_FILE, training_settings(cfg))
+        return AdapterStore(root)

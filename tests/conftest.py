@@ -93,3 +93,6 @@ def random_adapter(model_dir: Path, seed: int, std: float = 0.02, rank: int = 2,
     ad.alpha = alpha
     ad.meta = {}
     return ad
+
+
+from server_fixture import server  # noqa: E402,F401  (the real server process, one per session)

@@ -1,0 +1,116 @@
+"""``prag eval`` arguments and handler (registered by :mod:`prag_vllm.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+class LazyEngine:
+    """A :class:`~prag_vllm.generate.VLLMEngine` started on first use, so that a rerun with
+    nothing left to do starts no engine."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._engine = None
+
+    def _get(self):
+        if self._engine is None:
+            from prag_vllm.generate import VLLMEngine
+
+            self._engine = VLLMEngine(self.cfg)
+        return self._engine
+
+    def generate(self, *args, **kwargs):
+        return self._get().generate(*args, **kwargs)
+
+    def chat(self, *args, **kwargs):
+        return self._get().chat(*args, **kwargs)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+    def __enter__(self) -> LazyEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _inits(text: str) -> list[str]:
+    from prag_vllm.evaluation.run import INITS
+
+    names = [i.strip() for i in text.split(",") if i.strip()]
+    bad = [i for i in names if i not in INITS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown LoRA init {bad or text!r}; choose from {', '.join(INITS)}")
+    return list(dict.fromkeys(names))
+
+
+def add_eval_command(sub) -> None:
+    """Add the ``eval`` subcommand to the ``prag`` sub-parsers."""
+    from prag_vllm.augment import AugmentConfig
+    from prag_vllm.cli import _modes, _positive, _top_k
+    from prag_vllm.datasets import FORMATS
+    from prag_vllm.models import DEFAULT_MODEL
+    from prag_vllm.parameterize import TrainConfig
+
+    sp = sub.add_parser("eval", help="compare the five modes on QA datasets: predictions, metrics, report, plots")
+    sp.set_defaults(func=cmd_eval)
+    sp.add_argument("--dataset", action="append", required=True,
+                    help=f"QA file in its native format (repeatable; FORMAT=PATH forces one of {', '.join(FORMATS)})")
+    sp.add_argument("--out", required=True, help="output directory (a rerun with the same settings resumes)")
+    sp.add_argument("--work-dir", default=None, help="index, augmentations, adapters (default: OUT/work)")
+    sp.add_argument("--corpus", default=None, help="retrieval corpus for all datasets (default: each file's passages)")
+    n = sp.add_mutually_exclusive_group()
+    n.add_argument("--limit", type=_positive, default=None, help="first N questions of each dataset")
+    n.add_argument("--per-type", type=_positive, default=None, help="first N questions of each sub-type")
+    sp.add_argument("--mode", type=_modes, default=_modes("all"), help="comma-separated modes or 'all' (default)")
+    sp.add_argument("--top-k", type=_top_k, default=3)
+    sp.add_argument("--init", type=_inits, default=["random"], help="LoRA init(s): random, warmup or random,warmup")
+    sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
+    sp.add_argument("--lr", type=float, default=TrainConfig.lr)
+    sp.add_argument("--n-rewrites", type=int, default=AugmentConfig.n_rewrites)
+    sp.add_argument("--n-qa", type=int, default=AugmentConfig.n_qa)
+    sp.add_argument("--warmup-size", type=_positive, default=300, help="QA pairs for the warm-up LoRA")
+    sp.add_argument("--warmup-epochs", type=_positive, default=1)
+    sp.add_argument("--warmup-data", default=None, help="QA file for the warm-up pairs (default: non-evaluated questions)")
+    sp.add_argument("--batch-size", type=_positive, default=64, help="requests per vLLM call when answering")
+    sp.add_argument("--max-tokens", type=_positive, default=32)
+    sp.add_argument("--offline-only", action="store_true",
+                    help="only augment and train (resumable chunks); answer in a later run without it")
+    sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local HF model directory")
+    sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    sp.add_argument("--max-model-len", type=_positive, default=4096)
+
+
+def cmd_eval(args) -> int:
+    from dataclasses import replace
+
+    from prag_vllm.augment import AugmentConfig
+    from prag_vllm.cli import _model_path
+    from prag_vllm.evaluation.report import score_markdown
+    from prag_vllm.evaluation.run import EvalConfig, run_eval, validate
+    from prag_vllm.generate import EngineConfig
+    from prag_vllm.parameterize import TrainConfig
+
+    cfg = EvalConfig(datasets=args.dataset, out_dir=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
+                     corpus=args.corpus, limit=args.limit, per_type=args.per_type, modes=args.mode, top_k=args.top_k,
+                     inits=args.init, train=replace(TrainConfig(), epochs=args.epochs, lr=args.lr),
+                     augment=AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa),
+                     warmup_size=args.warmup_size, warmup_epochs=args.warmup_epochs, warmup_data=args.warmup_data,
+                     batch_size=args.batch_size, max_tokens=args.max_tokens, offline_only=args.offline_only)
+    validate(cfg)  # bad input stops here, before a model is fetched or loaded
+    engine_cfg = EngineConfig(model=str(_model_path(args)), dtype=args.dtype, max_model_len=args.max_model_len)
+    with LazyEngine(engine_cfg) as engine:
+        metrics = run_eval(cfg, engine)
+    if cfg.offline_only:
+        print(f"augmentation and training done; timings in {cfg.out_dir / 'timings.json'}")
+        return 0
+    print(score_markdown(metrics, "f1"))
+    print(f"\nreport: {cfg.out_dir / 'report.md'}")
+    return 0

@@ -1,0 +1,309 @@
+"""``prag eval``: closed-book vs standard RAG vs DA-RAG vs parametric vs combined on QA datasets.
+
+For each dataset: select questions (first N, or first N per sub-type), retrieve top-k from
+the closed corpus (the file's own pooled ``context`` paragraphs, or ``--corpus``), augment
+and parameterize ONLY the retrieved documents (as the paper does), answer every
+(question, mode), then write predictions, metrics, a Markdown report and plots. One vLLM
+engine serves augmentation and answering; adapters are trained in between (transformers,
+same process). Every phase resumes: a rerun of the same command redoes nothing finished.
+
+Layout under ``out_dir``::
+
+    run_config.json            settings that change results (a rerun must match them)
+    runs/<dataset>/base.jsonl  closed-book / standard / da-rag rows (resumable logs)
+    runs/<dataset>/<init>.jsonl  parametric / combined rows, one file per LoRA init
+    timings.json               seconds and counts of augmentation, warm-up and training
+    predictions.jsonl  metrics.json  report.md  f1.png  latency.png
+    work/<dataset>/            index, augmentations, adapters/<model>/<training key>/
+    work/warmup/<model>/<key>/ the warm-up LoRA
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from prag_vllm.augment import AugmentConfig, augment_corpus, load_augmentations
+from prag_vllm.datasets import Dataset, load_dataset, select_questions, subtype_order
+from prag_vllm.errors import InputError
+from prag_vllm.fileio import atomic_write_json, read_jsonl
+from prag_vllm.modes import MODES, get_mode
+from prag_vllm.parameterize import TrainConfig
+from prag_vllm.pipeline import Question
+from prag_vllm.retrieve import check_top_k
+from prag_vllm.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+INITS = ("random", "warmup")
+ADAPTER_MODES = tuple(m.name for m in MODES.values() if m.parametric)
+AUGMENTED_MODES = ("da-rag", *ADAPTER_MODES)
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run."""
+
+    datasets: list[str]
+    """Dataset files (format detected), or ``format=path`` to force a format."""
+    out_dir: Path
+    """Where predictions, metrics, report and plots go (resumable)."""
+    work_dir: Path | None = None
+    """Index, augmentations and adapters; default ``out_dir/work``."""
+    corpus: str | None = None
+    """Retrieval corpus for every dataset; default: each file's own passages (HotpotQA, 2Wiki)."""
+    limit: int | None = None
+    """Evaluate the first N questions of each dataset."""
+    per_type: int | None = None
+    """Evaluate the first N questions of each sub-type (the paper: 300)."""
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    """Answering modes."""
+    top_k: int = 3
+    """Documents retrieved per question."""
+    inits: list[str] = field(default_factory=lambda: ["random"])
+    """LoRA initializations to compare: ``random`` and/or ``warmup`` (paper Table 2)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Per-document training settings (``warmup_adapter`` is set per init)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmentation settings."""
+    warmup_size: int = 300
+    """QA pairs the warm-up LoRA is trained on."""
+    warmup_epochs: int = 1
+    """Passes over the warm-up pairs (the paper: 1)."""
+    warmup_data: str | None = None
+    """A separate QA file for the warm-up pairs (default: the datasets' non-evaluated questions)."""
+    batch_size: int = 64
+    """Requests per vLLM call when answering."""
+    max_tokens: int = 32
+    """Answer length budget."""
+    offline_only: bool = False
+    """Stop after augmentation and training (chunked long runs: answer later in one go,
+    so that every mode's latency comes from full batches)."""
+
+    @property
+    def work(self) -> Path:
+        return Path(self.work_dir) if self.work_dir is not None else Path(self.out_dir) / "work"
+
+
+@dataclass
+class DatasetRun:
+    """One dataset's part of an evaluation."""
+
+    name: str
+    data: Dataset
+    questions: list[Question]
+    ws: Workspace
+    documents: list | None = None
+    subtypes: list[str] = field(default_factory=list)
+
+
+def train_adapters(docs, augmentations, store, model_path, cfg: TrainConfig) -> dict:
+    """The one place eval trains document adapters (swap in a batched trainer here)."""
+    from prag_vllm.parameterize import parameterize_corpus
+
+    return parameterize_corpus(docs, augmentations, store, model_path, cfg)
+
+
+def _parse_dataset_arg(spec: str) -> tuple[str | None, str]:
+    from prag_vllm.datasets import FORMATS
+
+    fmt, sep, path = spec.partition("=")
+    return (fmt, path) if sep and fmt in FORMATS else (None, spec)
+
+
+def prepare(cfg: EvalConfig) -> list[DatasetRun]:
+    """Validate the configuration and load every dataset (no model is touched)."""
+    from prag_vllm.corpus import load_corpus
+
+    if not cfg.datasets:
+        raise InputError("give at least one dataset file")
+    for m in cfg.modes:
+        get_mode(m)
+    check_top_k(cfg.top_k)
+    bad = [i for i in cfg.inits if i not in INITS]
+    if bad or not cfg.inits:
+        raise InputError(f"unknown LoRA init {bad or cfg.inits}; choose from {', '.join(INITS)}")
+    for name, value in (("limit", cfg.limit), ("per_type", cfg.per_type), ("warmup_size", cfg.warmup_size),
+                        ("warmup_epochs", cfg.warmup_epochs), ("epochs", cfg.train.epochs)):
+        if value is not None and value <= 0:
+            raise InputError(f"{name} must be positive, got {value}")
+    retrieves = any(get_mode(m).retrieves for m in cfg.modes)
+    shared_corpus = load_corpus(cfg.corpus) if cfg.corpus and retrieves else None
+    runs: list[DatasetRun] = []
+    for spec in cfg.datasets:
+        fmt, path = _parse_dataset_arg(spec)
+        data = load_dataset(path, fmt)
+        questions = [replace(q, mode=None, k=None)
+                     for q in select_questions(data.questions, cfg.limit, cfg.per_type)]
+        name = data.name if all(r.name != data.name for r in runs) else f"{data.name}-{Path(path).stem}"
+        docs = shared_corpus if shared_corpus is not None else data.documents
+        if retrieves and docs is None:
+            raise InputError(f"{path}: {data.name} has no passages; give --corpus for the retrieval modes "
+                             f"(or use --mode closed-book)")
+        runs.append(DatasetRun(name, data, questions, Workspace.at(cfg.work / name), docs,
+                               subtype_order(data, questions)))
+    return runs
+
+
+def _warmup_pairs(cfg: EvalConfig, runs: list[DatasetRun]) -> list[tuple[str, str]]:
+    """The warm-up LoRA's QA pairs (see :mod:`prag_vllm.evaluation.warmup`); InputError if none."""
+    from prag_vllm.evaluation.warmup import warmup_pairs
+
+    evaluated = [q for r in runs for q in r.questions]
+    if cfg.warmup_data:
+        fmt, path = _parse_dataset_arg(cfg.warmup_data)
+        pools = [load_dataset(path, fmt).questions]
+    else:
+        pools = [[q for q in r.data.questions if q.id not in {e.id for e in r.questions}] for r in runs]
+    pairs = warmup_pairs(pools, evaluated, cfg.warmup_size)
+    if not pairs:
+        raise InputError("no questions left for the warm-up LoRA (every question is evaluated); "
+                         "evaluate fewer questions or give --warmup-data")
+    return pairs
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Every input check of :func:`run_eval`, without touching a model or writing a file."""
+    runs = prepare(cfg)
+    if "warmup" in cfg.inits and any(m in ADAPTER_MODES for m in cfg.modes):
+        _warmup_pairs(cfg, runs)
+
+
+def _settings(cfg: EvalConfig, runs: list[DatasetRun], model_name: str) -> dict:
+    """Everything that changes a finished row; a rerun into the same ``out_dir`` must match."""
+    train = {k: v for k, v in asdict(cfg.train).items() if k != "warmup_adapter"}
+    return {"model": model_name, "top_k": cfg.top_k, "train": train, "augment": asdict(cfg.augment),
+            "max_tokens": cfg.max_tokens, "corpus": str(Path(cfg.corpus).resolve()) if cfg.corpus else None,
+            "warmup": {"size": cfg.warmup_size, "epochs": cfg.warmup_epochs, "data": cfg.warmup_data},
+            "datasets": {r.name: str(r.data.path.resolve()) for r in runs}}
+
+
+def _check_settings(out_dir: Path, settings: dict) -> None:
+    path = out_dir / "run_config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old_ds, new_ds = old.get("datasets", {}), settings["datasets"]
+        clash = [k for k in settings if k != "datasets" and old.get(k) != settings[k]]
+        clash += [f"dataset {n}" for n in new_ds if n in old_ds and old_ds[n] != new_ds[n]]
+        if clash:
+            raise InputError(f"{out_dir} holds a run with other settings ({', '.join(clash)}); "
+                             f"use another --out, or the same settings to resume")
+        settings = dict(settings, datasets={**old_ds, **new_ds})
+    atomic_write_json(path, settings)
+
+
+class _Timings:
+    """Seconds and counts per phase, accumulated over resumed runs in ``timings.json``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def add(self, keys: list[str], **values: float) -> None:
+        node = self.data
+        for k in keys:
+            node = node.setdefault(k, {})
+        for k, v in values.items():
+            node[k] = round(node.get(k, 0) + v, 3)
+        atomic_write_json(self.path, self.data)
+
+
+def _augmentations_path(run: DatasetRun, model_name: str, acfg: AugmentConfig) -> Path:
+    return run.ws.root / "augmented" / f"{model_name}-rw{acfg.n_rewrites}-qa{acfg.n_qa}.jsonl"
+
+
+def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = None) -> dict:
+    """Run (or resume) an evaluation with ``engine`` (a :class:`~prag_vllm.generate.VLLMEngine`,
+    or anything with its ``generate``/``chat``/``cfg.model``; only used when work is left)."""
+    from prag_vllm.adapters import AdapterStore
+    from prag_vllm.evaluation.report import write_outputs
+    from prag_vllm.evaluation.warmup import train_warmup_adapter, warmup_key
+    from prag_vllm.pipeline import ParametricRAG
+    from prag_vllm.retrieve import BM25Retriever
+
+    runs = prepare(cfg)
+    adapter_modes = [m for m in cfg.modes if m in ADAPTER_MODES]
+    pairs = _warmup_pairs(cfg, runs) if "warmup" in cfg.inits and adapter_modes else []
+    model_path = str(model_path or engine.cfg.model)
+    model_name = Path(model_path).name
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_settings(out, _settings(cfg, runs, model_name))
+    timings = _Timings(out / "timings.json")
+    base_modes = [m for m in cfg.modes if m not in ADAPTER_MODES]
+    needs_aug = any(m in AUGMENTED_MODES for m in cfg.modes)
+
+    # Retrieve: the documents each dataset's questions need
+    retrievers, needed = {}, {}
+    for run in runs:
+        if run.documents is None:
+            continue
+        retrievers[run.name] = BM25Retriever.build_or_load(run.documents, run.ws.index_dir)
+        hits = retrievers[run.name].retrieve([q.question for q in run.questions], cfg.top_k)
+        needed[run.name] = list({h.doc.id: h.doc for row in hits for h in row}.values())
+        logger.info("%s: %d questions retrieve %d distinct documents (top-%d)", run.name, len(run.questions),
+                    len(needed[run.name]), cfg.top_k)
+
+    # Augment the retrieved documents (vLLM)
+    augs = {}
+    for run in runs:
+        path = _augmentations_path(run, model_name, cfg.augment)
+        augs[run.name] = load_augmentations(path)
+        todo = [d for d in needed.get(run.name, []) if d.id not in augs[run.name]] if needs_aug else []
+        if todo:
+            t0 = time.perf_counter()
+            augs[run.name] = augment_corpus(todo, engine, path, cfg.augment)
+            timings.add([run.name, "augment"], docs=len(todo), seconds=time.perf_counter() - t0)
+
+    # Warm-up LoRA (transformers), then one adapter per retrieved document and init
+    warmup_path = None
+    if pairs:
+        warmup_path = cfg.work / "warmup" / model_name / warmup_key(pairs, cfg.train, cfg.warmup_epochs, model_name)
+        summary = train_warmup_adapter(pairs, model_path, cfg.train, warmup_path, cfg.warmup_epochs)
+        if summary["trained"]:
+            timings.add(["warmup"], pairs=len(pairs), seconds=summary["seconds"])
+    stores: dict[tuple[str, str], AdapterStore] = {}
+    for run in runs:
+        for init in cfg.inits if adapter_modes and run.name in needed else []:
+            tcfg = replace(cfg.train, warmup_adapter=str(warmup_path) if init == "warmup" else None)
+            stores[run.name, init] = store = run.ws.store(model_path, tcfg)
+            summary = train_adapters(needed[run.name], augs[run.name], store, model_path, tcfg)
+            if summary["trained"]:
+                timings.add([run.name, "train", init], docs=summary["trained"], seconds=summary["seconds"],
+                            tokens=summary["tokens"])
+
+    if cfg.offline_only:
+        logger.info("offline phases done (--offline-only); answers, metrics and report are left for a later run")
+        return {}
+
+    # Answer every (question, mode): base modes once, adapter modes once per init
+    for run in runs:
+        retriever = retrievers.get(run.name)
+        jobs = [("base", base_modes, AdapterStore(run.ws.root / "no-adapters"))] if base_modes else []
+        jobs += [(init, adapter_modes, stores[run.name, init]) for init in cfg.inits if adapter_modes]
+        for tag, modes, store in jobs:
+            rag = ParametricRAG(retriever, store, engine, augs[run.name], default_k=cfg.top_k)
+            logger.info("%s: answering %s (%s)", run.name, ", ".join(modes), tag)
+            rag.answer_file(run.questions, out / "runs" / run.name / f"{tag}.jsonl", modes,
+                            batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
+
+    return write_outputs(cfg, runs, out, model_name, timings.data,
+                         {name: len(docs) for name, docs in needed.items()})
+
+
+def load_rows(out: Path, run: DatasetRun, cfg: EvalConfig) -> list[dict]:
+    """This run's rows (selected questions, requested modes and inits), each tagged with dataset and init."""
+    ids = {q.id for q in run.questions}
+    rows = []
+    for tag in ["base", *cfg.inits]:
+        path = out / "runs" / run.name / f"{tag}.jsonl"
+        if not path.is_file():
+            continue
+        for row in read_jsonl(path, tolerate_torn_tail=True):
+            if row["id"] in ids and row["mode"] in cfg.modes:
+                rows.append({"dataset": run.name, "init": None if tag == "base" else tag, **row})
+    return rows

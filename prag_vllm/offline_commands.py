@@ -1,0 +1,133 @@
+"""``prag augment`` and ``prag parameterize``: arguments and handlers (registered by cli.py).
+
+Both take ``--shard i/N`` (:mod:`prag_vllm.sharding`): N workers split the corpus by a
+hash of the document id with no coordination. A sharded ``augment`` writes its own log,
+``augmented.shard-i-of-N.jsonl``, so shards can share a workspace; ``parameterize``
+reads the workspace's ``augmented.jsonl`` and every shard log. ``parameterize`` trains
+with the batched trainer by default (``--trainer per-doc``: the PEFT one-document
+reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from prag_vllm.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+SHARD_LOG_GLOB = "augmented.shard-*-of-*.jsonl"
+
+
+def _shard(text: str):
+    from prag_vllm.sharding import Shard
+
+    try:
+        return Shard.parse(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
+
+
+def add_shard_argument(sp: argparse.ArgumentParser) -> None:
+    from prag_vllm.sharding import Shard
+
+    sp.add_argument("--shard", type=_shard, default=Shard(), metavar="i/N",
+                    help="only the documents of shard i of N (hash of the id; run N workers with 0/N .. N-1/N)")
+
+
+def add_parameterize_arguments(sp: argparse.ArgumentParser) -> None:
+    """The trainer's flags (``--epochs``, ``--lr`` and the others are added by cli.py)."""
+    from prag_vllm.parameterize import TrainConfig
+    from prag_vllm.training.trainer import BatchConfig
+
+    sp.add_argument("--trainer", choices=["batched", "per-doc"], default="batched",
+                    help="batched: many documents per pass (default); per-doc: PEFT, one at a time (reference)")
+    sp.add_argument("--precision", choices=["bf16-mixed", "float32"], default=TrainConfig.precision)
+    sp.add_argument("--slots", type=int, default=BatchConfig.slots, help="documents trained together (batched)")
+    sp.add_argument("--max-batch-tokens", type=int, default=BatchConfig.max_batch_tokens,
+                    help="tokens per micro-batch (batched)")
+    sp.add_argument("--max-padding", type=_fraction, default=BatchConfig.max_padding,
+                    help="padding fraction allowed in a micro-batch; 0 = equal lengths only, exact (batched)")
+    add_shard_argument(sp)
+
+
+def augmentation_log(ws, shard) -> Path:
+    """Where ``prag augment`` writes: the workspace log, or the shard's own log."""
+    return ws.augmented if shard.whole else ws.root / f"augmented.{shard.tag}.jsonl"
+
+
+def load_workspace_augmentations(ws) -> dict:
+    """The workspace's augmentations: ``augmented.jsonl`` plus every shard's log."""
+    from prag_vllm.augment import load_augmentations
+
+    out = {}
+    for path in [ws.augmented, *sorted(ws.root.glob(SHARD_LOG_GLOB))]:
+        out.update(load_augmentations(path))
+    return out
+
+
+def run_augment(args, engine_factory) -> int:
+    from prag_vllm.augment import AugmentConfig, augment_corpus, load_augmentations
+    from prag_vllm.corpus import load_corpus
+
+    docs = args.shard.select(load_corpus(args.corpus)[: args.limit])
+    cfg = AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa, batch_size=args.batch_size)
+    out = augmentation_log(args.ws, args.shard)
+    done = load_augmentations(out)
+    if any(d.id not in done for d in docs):  # start an engine only if there is work left
+        with engine_factory() as engine:
+            done = augment_corpus(docs, engine, out, cfg)
+    failed = sum(done[d.id].qa_failed for d in docs)
+    print(f"augmented {len(docs)} documents{'' if args.shard.whole else f' (shard {args.shard})'} into {out} "
+          f"({failed} without QA pairs)")
+    return 0
+
+
+def run_parameterize(args, model_path) -> int:
+    from prag_vllm.corpus import load_corpus
+    from prag_vllm.parameterize import TrainConfig, parameterize_corpus
+    from prag_vllm.training.driver import dir_bytes, parameterize_batched, summarize
+    from prag_vllm.training.trainer import BatchConfig
+
+    docs = args.shard.select(load_corpus(args.corpus)[: args.limit])
+    augs = load_workspace_augmentations(args.ws)
+    missing = [d.id for d in docs if d.id not in augs]
+    if missing and not args.no_augmentation:
+        raise InputError(f"{len(missing)} documents have no augmentation in {args.ws.root} "
+                         f"(run `prag augment` first, or pass --no-augmentation)")
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size,
+                      warmup_adapter=args.warmup_adapter, precision=args.precision)
+    batch = BatchConfig(slots=args.slots, max_batch_tokens=args.max_batch_tokens, max_padding=args.max_padding)
+    if batch.slots < 1 or batch.max_batch_tokens < 1:
+        raise InputError("--slots and --max-batch-tokens must be positive")
+    store = args.ws.store(model_path(), cfg)
+    if args.trainer == "batched":
+        summary = parameterize_batched(docs, augs, store, args.model_path, cfg, batch)
+    else:
+        fresh = [d.id for d in docs if not store.has(d.id)]
+        t0 = time.perf_counter()
+        summary = dict(parameterize_corpus(docs, augs, store, args.model_path, cfg), trainer="per-doc")
+        summary["seconds"] = time.perf_counter() - t0
+        summary["bytes_written"] = sum(dir_bytes(store.path(d)) for d in fresh if store.has(d))
+        summary = summarize(summary)
+    summary["shard"] = str(args.shard)
+    summary["store"] = str(store.root)
+    logger.info("parameterized %d documents (%d already done) in %.0f s: %s documents/hour, %s tokens/s, "
+                "%s bytes per document", summary["trained"], summary["skipped"], summary["seconds"],
+                summary["documents_per_hour"], summary["tokens_per_s"], summary["bytes_per_document"])
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,145 @@
+"""Parts of ``prag eval`` that need no vLLM: adapter-set keys, warm-up LoRA, report, bad input."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import AUGS, DOCS, random_adapter
+from prag_vllm.cli import main
+from prag_vllm.errors import InputError
+from prag_vllm.evaluation.report import row_specs, write_outputs
+from prag_vllm.evaluation.run import EvalConfig, _check_settings, prepare
+from prag_vllm.evaluation.warmup import train_warmup_adapter, warmup_pairs
+from prag_vllm.parameterize import DocumentTrainer, TrainConfig, parameterize_corpus
+from prag_vllm.pipeline import Question
+from prag_vllm.workspace import Workspace, training_key
+
+HOT = [{"_id": f"h{i}", "question": f"Question number {i}?", "answer": f"answer {i}",
+        "type": "bridge" if i % 3 else "comparison", "level": "easy", "supporting_facts": [],
+        "context": [[f"Title {i}", [f"Paragraph {i} says answer {i}."]]]} for i in range(6)]
+
+
+@pytest.fixture
+def hotpot_file(tmp_path):
+    path = tmp_path / "hotpot.json"
+    path.write_text(json.dumps(HOT))
+    return path
+
+
+def test_adapter_sets_keyed_by_training_settings(tmp_path, tiny_model_dir):
+    ws = Workspace.at(tmp_path / "ws")
+    a = ws.store(tiny_model_dir, TrainConfig(epochs=1))
+    assert a.root == ws.store(tiny_model_dir, TrainConfig(epochs=1)).root
+    assert a.root != ws.store(tiny_model_dir, TrainConfig(epochs=3)).root
+    assert a.root != ws.store(tiny_model_dir, TrainConfig(epochs=1, lr=1e-4)).root
+    warm = random_adapter(tiny_model_dir, seed=1).save(tmp_path / "warm")
+    w = ws.store(tiny_model_dir, TrainConfig(epochs=1, warmup_adapter=str(warm)))
+    assert w.root != a.root and "-warmup-" in w.root.name and a.root.name.startswith("r2-e1-random-")
+    assert json.loads((w.root / "train_config.json").read_text())["init"].startswith("warmup:")
+    assert ws.store(tiny_model_dir, replace(TrainConfig(epochs=1), seed=0)).root == a.root
+    # answering without settings: the default config's set among several (and the only one when alone)
+    assert ws.store(tiny_model_dir).root.name == training_key(TrainConfig())
+    solo = Workspace.at(tmp_path / "solo")
+    only = solo.store(tiny_model_dir, TrainConfig(epochs=5))
+    assert solo.store(tiny_model_dir).root == only.root
+
+
+def test_warmup_pairs_exclude_evaluated():
+    pool_a = [Question("1", "Who?", ["A"]), Question("2", "What?", ["B"]), Question("3", "No gold?", [])]
+    pool_b = [Question("1", "WHO?!", ["C"]), Question("9", "Where?", ["D"])]
+    pairs = warmup_pairs([pool_a, pool_b], evaluated=[Question("x", "who", ["A"])], size=10)
+    assert pairs == [("What?", "B"), ("Where?", "D")]
+    assert len(warmup_pairs([pool_a, pool_b], [], size=2)) == 2
+
+
+def test_warmup_adapter_trains_once_and_inits_documents(tmp_path, tiny_model_dir):
+    cfg = TrainConfig(epochs=1, precision="float32")
+    pairs = [("Who designed the bridge?", "Odile Brask"), ("Where was she born?", "Ostrevik")] * 3
+    out = tmp_path / "warm"
+    first = train_warmup_adapter(pairs, tiny_model_dir, cfg, out, epochs=1)
+    assert first["trained"] and first["tokens"] > 0 and (out / "adapter_model.safetensors").is_file()
+    mtime = (out / "adapter_model.safetensors").stat().st_mtime_ns
+    assert not train_warmup_adapter(pairs, tiny_model_dir, cfg, out, epochs=1)["trained"]
+    assert (out / "adapter_model.safetensors").stat().st_mtime_ns == mtime
+    ws = Workspace.at(tmp_path / "ws")
+    stores = {}
+    for init in ("random", "warmup"):
+        tcfg = replace(cfg, warmup_adapter=str(out) if init == "warmup" else None)
+        stores[init] = ws.store(tiny_model_dir, tcfg)
+        parameterize_corpus(DOCS[:1], AUGS, stores[init], tiny_model_dir, tcfg,
+                            trainer=DocumentTrainer(tiny_model_dir, tcfg))
+    ra, wa = stores["random"].load("d1"), stores["warmup"].load("d1")
+    assert stores["random"].root != stores["warmup"].root
+    assert wa.meta["train"]["init"] == "warmup" and ra.meta["train"]["init"] == "random"
+
+
+def _row(qid, mode, f1, lat, qtype):
+    return {"id": qid, "question": "q", "mode": mode, "k": 1, "answer": "a", "generation": "a", "retrieved": [],
+            "parametric": [], "in_context": [], "prompt_tokens": 10, "prep_s": 0.0, "latency_s": lat,
+            "type": qtype, "answers": ["a"], "em": float(f1 == 1.0), "f1": f1}
+
+
+def test_report_tables_and_plots_from_rows(tmp_path, hotpot_file):
+    cfg = EvalConfig(datasets=[str(hotpot_file)], out_dir=tmp_path / "out", limit=4,
+                     modes=["standard", "parametric"], top_k=1, inits=["random", "warmup"])
+    runs = prepare(cfg)
+    assert [q.id for q in runs[0].questions] == ["h0", "h1", "h2", "h3"] and runs[0].subtypes == ["bridge", "comparison"]
+    types = {q.id: q.type for q in runs[0].questions}
+    logs = {"base": [_row(i, "standard", 1.0, 2.0, types[i]) for i in types],
+            "random": [_row(i, "parametric", 0.5, 1.0, types[i]) for i in types],
+            "warmup": [_row(i, "parametric", 1.0 if types[i] == "bridge" else 0.0, 4.0, types[i]) for i in types]}
+    logs["base"].append(_row("h5", "standard", 0.0, 9.0, "bridge"))  # not selected: must be ignored
+    for tag, rows in logs.items():
+        path = cfg.out_dir / "runs" / "hotpotqa" / f"{tag}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    timings = {"hotpotqa": {"augment": {"docs": 4, "seconds": 8.0},
+                            "train": {"random": {"docs": 4, "seconds": 40.0}, "warmup": {"docs": 4, "seconds": 20.0}}}}
+    metrics = write_outputs(cfg, runs, cfg.out_dir, "m", timings, {"hotpotqa": 4})
+    rows = {s["label"]: s for s in metrics["datasets"]["hotpotqa"]["rows"]}
+    assert list(rows) == ["standard", "parametric (random)", "parametric (warmup)"]
+    assert rows["standard"]["f1"] == {"bridge": 1.0, "comparison": 1.0, "total": 1.0}
+    assert rows["parametric (warmup)"]["f1"] == {"bridge": 1.0, "comparison": 0.0, "total": 0.5}
+    assert rows["parametric (warmup)"]["n"] == {"bridge": 2, "comparison": 2, "total": 4}
+    assert metrics["datasets"]["hotpotqa"]["offline"]["train_s_per_doc"] == {"random": 10.0, "warmup": 5.0}
+    report = (cfg.out_dir / "report.md").read_text()
+    assert "| mode | hotpotqa bridge (n=2) | hotpotqa comparison (n=2) | hotpotqa total (n=4) |" in report
+    assert "| parametric (warmup) | 1.000 | 0.000 | 0.500 |" in report
+    assert "| parametric (random) | 1.000 | 2.00× |" in report and "| parametric (warmup) | 4.000 | 0.50× |" in report
+    preds = (cfg.out_dir / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 12 and all(json.loads(p)["id"] != "h5" for p in preds)
+    assert (cfg.out_dir / "f1.png").stat().st_size > 1000 and (cfg.out_dir / "latency.png").stat().st_size > 1000
+    assert row_specs(["parametric", "closed-book"], ["random"]) == [("closed-book", "closed-book", None),
+                                                                   ("parametric", "parametric", "random")]
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+    _check_settings(tmp_path, {"model": "m", "top_k": 3, "datasets": {"hotpotqa": "/a"}})
+    _check_settings(tmp_path, {"model": "m", "top_k": 3, "datasets": {"popqa": "/b"}})  # adding a dataset is fine
+    with pytest.raises(InputError, match="top_k"):
+        _check_settings(tmp_path, {"model": "m", "top_k": 1, "datasets": {}})
+    with pytest.raises(InputError, match="dataset hotpotqa"):
+        _check_settings(tmp_path, {"model": "m", "top_k": 3, "datasets": {"hotpotqa": "/c"}})
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dataset", "{popqa}"], "has no passages"),
+    (["--dataset", "{hot}", "--mode", "bogus"], "unknown mode"),
+    (["--dataset", "{hot}", "--init", "zero"], "unknown LoRA init"),
+    (["--dataset", "{hot}", "--limit", "2", "--per-type", "1"], "not allowed with"),
+    (["--dataset", "{missing}"], "not found"),
+    (["--dataset", "{hot}", "--init", "random,warmup"], "no questions left for the warm-up"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, hotpot_file, capsys, extra, needle):
+    popqa = tmp_path / "popqa.jsonl"
+    popqa.write_text(json.dumps({"id": 1, "question": "Q?", "possible_answers": '["a"]'}) + "\n")
+    paths = {"popqa": popqa, "hot": hotpot_file, "missing": tmp_path / "nope.json"}
+    argv = ["eval", "--out", str(tmp_path / "out"), *[a.format(**paths) for a in extra]]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0]
+    assert not (tmp_path / "out").exists()
