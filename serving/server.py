@@ -73,15 +73,16 @@ class Server:
         from transformers import AutoConfig, AutoTokenizer
 
         from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
-        from serving.engine import AsyncEngine, EngineSettings
+        from prag_vllm.generate import EngineConfig
+        from serving.engine import AsyncEngine
         from serving.metrics import ServerMetrics
         from serving.service import RAGService
 
         cfg = self.cfg
-        self.engine = AsyncEngine(EngineSettings(model=str(self.model_path), dtype=cfg.dtype,
-                                                 max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
-                                                 max_loras=cfg.max_loras, max_cpu_loras=cfg.max_cpu_loras,
-                                                 max_num_seqs=cfg.max_num_seqs))
+        self.engine = AsyncEngine(EngineConfig(model=str(self.model_path), dtype=cfg.dtype,
+                                               max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
+                                               max_loras=cfg.max_loras, max_num_seqs=cfg.max_num_seqs,
+                                               extra={"max_cpu_loras": cfg.max_cpu_loras}))
         self.engine.start()
         loop = asyncio.get_running_loop()
 
