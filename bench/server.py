@@ -71,7 +71,8 @@ def build_workspace(root: Path, demo: Path, model_path: Path, fillers: int) -> t
     return corpus, store.root, names
 
 
-def start_server(args, corpus: Path, store: Path, work: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, corpus: Path, store: Path, work: Path, extra: list[str] = (),
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
     import httpx
 
     with socket.socket() as s:
@@ -79,8 +80,8 @@ def start_server(args, corpus: Path, store: Path, work: Path) -> tuple[subproces
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "serving", "--corpus", str(corpus), "--work-dir", str(work), "--adapter-store",
            str(store), "--model", args.model, "--dtype", args.dtype, "--port", str(port), "--log-level", "warning",
-           "--max-loras", str(args.max_loras)]
-    proc = subprocess.Popen(cmd, stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
+           "--max-loras", str(args.max_loras), *extra]
+    proc = subprocess.Popen(cmd, stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
     base, t0 = f"http://127.0.0.1:{port}", time.time()
     while time.time() - t0 < 600:
         if proc.poll() is not None:

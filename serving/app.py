@@ -194,7 +194,7 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
         deltas = s.engine.stream(prompt_ids, rid, max_tokens=max_tokens, temperature=req.temperature,
                                  top_p=req.top_p, seed=req.seed, stop=req.stop,
                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                 adapter=plan.adapter)
+                                 ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, adapter=plan.adapter)
         headers = {"X-Prag-Mode": mode.name, "X-Prag-Parametric": json.dumps(plan.parametric),
                    "X-Prag-In-Context": json.dumps([d.id for d in plan.in_context])}
         echo = question if (not chat and req.echo) else ""

@@ -58,6 +58,9 @@ class ServerConfig:
     """Largest ``max_tokens`` a request may ask for."""
     default_max_tokens: int = 128
     """``max_tokens`` when a request does not give one."""
+    enable_lora: int = 1
+    """1: serve merged adapters. 0: a base-model-only engine (no LoRA layers at all); every
+    retrieved document goes in context, also in the parametric modes."""
     max_lora_rank: int = 8
     """vLLM's largest adapter rank; a merged adapter may not exceed it (rank-2 adapters: 4
     documents). Documents beyond it are placed in context instead (and reported)."""
@@ -95,6 +98,8 @@ class ServerConfig:
                      "cache_max_entries", "cache_max_bytes", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive")
+        if self.enable_lora not in (0, 1):
+            raise InputError(f"enable_lora must be 0 or 1, got {self.enable_lora}")
         if self.retriever not in ("bm25", "elasticsearch"):
             raise InputError(f"unknown retriever {self.retriever!r} (choose from bm25, elasticsearch)")
         if self.es_user and not os.environ.get("PRAG_ES_PASSWORD"):

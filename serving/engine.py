@@ -45,26 +45,24 @@ class AsyncEngine:
         self.null_adapter: Path | None = None
 
     def start(self) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.settings.apply_env()
         from transformers import AutoConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
         t0 = time.perf_counter()
-        args = AsyncEngineArgs(model=s.model, dtype=s.dtype, max_model_len=s.max_model_len, seed=s.seed,
-                               max_num_seqs=s.max_num_seqs, enable_lora=True, max_lora_rank=s.max_lora_rank,
-                               max_loras=s.max_loras, **s.extra)
+        args = AsyncEngineArgs(**s.vllm_kwargs())
         self.llm = AsyncLLM.from_engine_args(args)
         # No fix for the vLLM-cpu slot bug loaded: every adapter-less request then runs with an
         # all-zero adapter, since any request may share a batch with adapter requests.
-        self.guard = not grouped_ops_active()
+        self.guard = s.enable_lora and not grouped_ops_active()
         if self.guard:
             cfg = AutoConfig.from_pretrained(s.model)
             self.null_adapter = LoraAdapter.zeros(cfg, base_model=s.model).save(Path(self._tmp.name) / "null")
         logger.info("vLLM async engine ready in %.1f s (%s, %s); CPU LoRA ops %s", time.perf_counter() - t0, s.model,
-                    s.dtype, "stock + zero-adapter guard" if self.guard else "grouped (prag plugin)")
+                    s.dtype, "off" if not s.enable_lora else
+                    "stock + zero-adapter guard" if self.guard else "grouped (prag plugin)")
 
     @property
     def healthy(self) -> bool:
@@ -87,7 +85,8 @@ class AsyncEngine:
 
     async def stream(self, prompt_ids: list[int], request_id: str, *, max_tokens: int, temperature: float,
                      top_p: float, seed: int | None, stop: list[str] | None, presence_penalty: float,
-                     frequency_penalty: float, adapter: tuple[str, int, Path] | None) -> AsyncIterator[Delta]:
+                     frequency_penalty: float, adapter: tuple[str, int, Path] | None, ignore_eos: bool = False,
+                     min_tokens: int = 0) -> AsyncIterator[Delta]:
         """Generate for one request, yielding text deltas; aborted in vLLM if the consumer stops early."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -95,6 +94,7 @@ class AsyncEngine:
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
                                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                                ignore_eos=ignore_eos, min_tokens=min(min_tokens, max_tokens),
                                 output_kind=RequestOutputKind.DELTA)
         if adapter is None and self.guard and self.null_adapter is not None:
             adapter = ("prag-null", 1 << 30, self.null_adapter)

@@ -75,6 +75,11 @@ class _Sampling(BaseModel):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     user: StrictStr | None = None
+    # vLLM's own extensions (same names and meaning as its OpenAI server)
+    ignore_eos: StrictBool = False
+    """Keep generating after the end-of-sequence token (fixed-length outputs for benchmarks)."""
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    """Tokens to generate before end-of-sequence or a stop string may end the output."""
     # Parametric RAG extensions
     mode: StrictStr | None = None
     """Answering mode; overrides the one implied by ``model``."""

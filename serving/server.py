@@ -82,6 +82,7 @@ class Server:
         self.engine = AsyncEngine(EngineConfig(model=str(self.model_path), dtype=cfg.dtype,
                                                max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
                                                max_loras=cfg.max_loras, max_num_seqs=cfg.max_num_seqs,
+                                               enable_lora=bool(cfg.enable_lora),
                                                extra={"max_cpu_loras": cfg.max_cpu_loras}))
         self.engine.start()
         loop = asyncio.get_running_loop()

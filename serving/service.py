@@ -111,6 +111,8 @@ class RAGService:
     def _select(self, docs: list[Document]) -> tuple[list[str], list[str]]:
         """Documents with a usable adapter, best first, within the engine's max rank; and the rejected ones."""
         chosen, rejected, rank = [], [], 0
+        if not self.engine.settings.enable_lora:
+            return chosen, rejected
         for d in docs:
             if not self.docs.has(d.id):
                 continue

@@ -180,3 +180,28 @@ def test_config_file_and_flags(tmp_path):
         config_from_args(p.parse_args(["--default-mode", "psychic"]))
     with pytest.raises(InputError, match="corpus file not found"):
         config_from_args(p.parse_args(["--corpus", str(tmp_path / "nope.jsonl")]))
+    assert config_from_args(p.parse_args(["--enable-lora", "0"])).enable_lora == 0
+    with pytest.raises(InputError, match="enable_lora must be 0 or 1"):
+        config_from_args(p.parse_args(["--enable-lora", "2"]))
+
+
+def test_engine_without_lora_puts_every_document_in_context(tiny_model_dir, tmp_path):
+    """enable_lora = 0: no document is chosen as a parameter, whatever adapters exist."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from prag_vllm.corpus import Document
+    from prag_vllm.generate import EngineConfig
+    from serving.adapter_cache import DocAdapterCache, expected_shapes
+    from serving.service import RAGService
+
+    store = AdapterStore(tmp_path / "store")
+    store.save("d1", random_adapter(tiny_model_dir, seed=1))
+    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), max_rank=8)
+    service = RAGService.__new__(RAGService)
+    service.docs, service.max_lora_rank = docs, 8
+    d1 = Document(id="d1", title="D1", text="one")
+    for enable, chosen in ((True, ["d1"]), (False, [])):
+        service.engine = SimpleNamespace(settings=EngineConfig(model=str(tiny_model_dir), enable_lora=enable))
+        assert service._select([d1]) == (chosen, [])

@@ -28,6 +28,20 @@ def test_merge_folds_different_scalings(tiny_model_dir):
         assert torch.allclose(merged.delta(module), a.delta(module) + b.delta(module), atol=1e-5, rtol=0)
 
 
+def test_folded_scaling_same_delta_and_bit_exact_in_bf16(tiny_model_dir):
+    ads = [random_adapter(tiny_model_dir, seed=s) for s in range(3)]
+    for ad in ads:
+        ad.weights = {m: (a.bfloat16(), b.bfloat16()) for m, (a, b) in ad.weights.items()}
+    folded = merge_adapters(ads, fold_scaling=True)
+    assert folded.r == 6 and folded.scaling == 1.0
+    for module in ads[0].weights:
+        expected = sum(a.delta(module).float() for a in ads)
+        assert torch.allclose(folded.delta(module).float(), expected, atol=1e-3, rtol=1e-2)
+        b = folded.weights[module][1]
+        assert b.dtype == torch.bfloat16
+        assert torch.equal(b[:, :2], ads[0].weights[module][1] * 16)  # s_j = 32 / 2 = 16: exact
+
+
 def test_merge_rejects_mismatch(tiny_model_dir):
     a = random_adapter(tiny_model_dir, seed=1)
     b = random_adapter(tiny_model_dir, seed=2)

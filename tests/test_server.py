@@ -130,6 +130,8 @@ GOOD = {"model": "prag-parametric", "messages": [{"role": "user", "content": "Wh
                                       messages=[{"role": "user", "content": "Lumeria " * 3000}])}, 400),
     ("max_tokens too big", {"body": dict(GOOD, max_tokens=10**6)}, 400),
     ("unknown field", {"body": dict(GOOD, temprature=0)}, 400),
+    ("ignore_eos string", {"body": dict(GOOD, ignore_eos="yes")}, 400),
+    ("min_tokens negative", {"body": dict(GOOD, min_tokens=-1)}, 400),
     ("bad api key", {"body": GOOD, "key": "sk-wrong"}, 401),
     ("no api key", {"body": GOOD, "key": None}, 401),
 ])
@@ -164,3 +166,15 @@ def test_metrics_count_requests_and_cache(client, server):
     assert values['prag_requests_total{endpoint="chat",mode="parametric",status="200"}'] >= 2
     assert values["prag_adapter_merge_seconds_count"] >= 1
     assert httpx.get(server["base"] + "/metrics").status_code == 401
+
+
+@pytest.mark.parametrize("mode", ["closed-book", "parametric"])
+def test_ignore_eos_and_min_tokens_fix_the_length(client, mode):
+    """vLLM's sampling extensions: ignore_eos gives exactly max_tokens, min_tokens a floor."""
+    q = "Where is Lumeria?"
+    natural = _ask(client, q, mode, max_tokens=40)
+    fixed = _ask(client, q, mode, max_tokens=40, extra_body={"ignore_eos": True})
+    assert natural.usage.completion_tokens < 40, "the test needs an answer that stops before 40 tokens"
+    assert fixed.usage.completion_tokens == 40 and fixed.choices[0].finish_reason == "length"
+    floor = _ask(client, q, mode, max_tokens=40, extra_body={"min_tokens": natural.usage.completion_tokens + 5})
+    assert floor.usage.completion_tokens >= natural.usage.completion_tokens + 5

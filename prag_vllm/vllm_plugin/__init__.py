@@ -1,5 +1,8 @@
 """vLLM plugin (entry point ``vllm.general_plugins``): grouped CPU LoRA ops.
 
+Linear layers go through :mod:`prag_vllm.vllm_plugin.punica` (a per-step plan, a few
+matmuls per layer); the remaining op-level entry points through :mod:`.lora_ops`.
+
 vLLM loads general plugins in every process it starts (engine core and workers), so the
 patch is in place before any model runs. It only touches the CPU punica wrapper and can
 be turned off with ``PRAG_STOCK_LORA_OPS=1`` (for side-by-side benchmarks).
@@ -28,8 +31,13 @@ def register() -> None:
         from vllm.lora.punica_wrapper import punica_cpu
     except ImportError:  # vLLM without the CPU punica wrapper: nothing to patch
         return
-    from prag_vllm.vllm_plugin import lora_ops
+    from prag_vllm.vllm_plugin import lora_ops, punica
 
-    for name in _OPS:
+    for name in _OPS:  # every op the wrapper still calls directly (embeddings, logits)
         setattr(punica_cpu, name, getattr(lora_ops, name))
+    punica.install(punica_cpu.PunicaWrapperCPU)
+    from prag_vllm.vllm_plugin import compile as lora_compile
+
+    if lora_compile.enabled():
+        lora_compile.install()
     logger.debug("prag: grouped CPU LoRA ops installed")
