@@ -75,6 +75,8 @@ def prepare(args, model_path: Path, work: Path) -> tuple[list[str], dict]:
     synthetic = 0
     for doc_id in sorted(needed):
         if store.has(doc_id):
+            meta = json.loads((store.path(doc_id) / "prag_meta.json").read_text())
+            synthetic += bool(meta.get("synthetic"))
             continue
         ad = LoraAdapter.zeros(cfg, r=2, base_model=str(model_path))
         ad.weights = {m: (torch.randn(a.shape, generator=g) * 0.015, torch.randn(b.shape, generator=g) * 0.0018)
@@ -153,6 +155,8 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--configs", default="no-lora,stock,prag")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--stock-modes", default="standard,parametric,combined",
+                    help="modes run against the stock-ops server (the modes with adapters, and standard as reference)")
     ap.add_argument("--work", default="runs/table4/work")
     ap.add_argument("--out", default="docs/table4")
     args = ap.parse_args()
@@ -179,20 +183,22 @@ def main() -> int:
         proc, base = start_server(server_args, work / "corpus.jsonl", Path(args.store), run_dir, extra=extra,
                                   env={**os.environ, **env})
         try:
-            modes = ["closed-book"] if name == "no-lora" else args.modes
+            modes = ["closed-book"] if name == "no-lora" else args.stock_modes.split(",") if name == "stock" else args.modes
             result["configs"][name] = asyncio.run(measure(base, questions, modes, args, lora=name != "no-lora"))
         finally:
             proc.terminate()
             proc.wait(timeout=120)
-    md = render(result)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        save(result, Path(args.out))  # after every server: a partial run keeps what it measured
+    print(render(result))
+    return 0
+
+
+def save(result: dict, out: Path) -> None:
     from prag_vllm.fileio import atomic_write_json, atomic_write_text
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
-    atomic_write_text(out.with_suffix(".md"), md + "\n")
-    return 0
+    atomic_write_text(out.with_suffix(".md"), render(result) + "\n")
 
 
 if __name__ == "__main__":

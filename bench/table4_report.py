@@ -32,7 +32,7 @@ def targets(result: dict, ops: str = "prag") -> list[tuple[str, str, float, bool
 
 def render(result: dict) -> str:
     m = result["meta"]
-    configs = [c for c in ("stock", "prag") if c in result["configs"]]
+    configs = [c for c in ("stock", "prag") if c in result["configs"]] or ["no-lora"]
     lines = [f"# Table 4 on vLLM — {result['model']} {result['dtype']}, {m['machine']}, {m['date']}", "",
              f"`{m['command']}`", "",
              f"{result['questions']} questions from `{result['data']}`; {result['retrieved']} retrieved documents "
@@ -44,9 +44,9 @@ def render(result: dict) -> str:
                                                    for c in configs) + " |"
     lines += [head, "|---|---:|" + "---:|" * 4 * len(configs)]
     ceiling = result["configs"].get("no-lora", {})
-    modes = list(result["configs"][configs[0]]["latency"]) if configs else []
+    modes = max((list(result["configs"][c]["latency"]) for c in configs), key=len, default=[])
     for mode in modes:
-        row = f"| {mode} | {_get(result['configs'][configs[0]], 'latency', mode, 'prompt_tokens'):.0f} |"
+        row = f"| {mode} | {_get(result['configs'][configs[-1]], 'latency', mode, 'prompt_tokens'):.0f} |"
         for c in configs:
             lat = result["configs"][c]["latency"]
             std = _get(lat, "standard", "mean_s")
@@ -74,7 +74,8 @@ def render(result: dict) -> str:
     lines += ["", "## Document ids -> adapter ready (merge + write + load into vLLM)", "",
               "| | " + " | ".join(f"{c}: n | {c}: p50 ms | {c}: p95 ms" for c in configs) + " |",
               "|---|" + "---:|" * 3 * len(configs)]
-    kinds = list(_get(result["configs"][configs[0]], "adapter_ready_ms", default={})) if configs else []
+    kinds = max((list(_get(result["configs"][c], "adapter_ready_ms", default={})) for c in configs), key=len,
+                default=[])
     for k in kinds:
         row = f"| {k} |"
         for c in configs:

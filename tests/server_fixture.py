@@ -68,7 +68,7 @@ def server(tmp_path_factory, test_model_dir):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", PRAG_AUDIT_FILES=str(audit)))
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # first start compiles the model (torch.compile), minutes on a busy 2-core machine
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{(root / 'server.log').read_text()[-3000:]}")
@@ -80,7 +80,7 @@ def server(tmp_path_factory, test_model_dir):
         time.sleep(1)
     else:
         proc.kill()
-        raise RuntimeError("server did not become healthy in 300 s")
+        raise RuntimeError("server did not become healthy in 900 s")
     yield {"base": base, "store": store, "docs": {d["id"]: d for d in docs}, "log": root / "server.log",
            "audit": audit, "root": root, "pid": proc.pid}
     proc.send_signal(signal.SIGINT)
