@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import run_metadata
+from common import run_metadata, synthetic_adapter
 
 FFN = ["gate_proj", "up_proj", "down_proj"]
 R1, R0 = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -64,14 +64,9 @@ def make_adapters(model_dir: str, n: int, root: Path) -> list[Path]:
     import torch
     from transformers import AutoConfig
 
-    from prag_vllm.adapters import LoraAdapter
-
     cfg, g, paths = AutoConfig.from_pretrained(model_dir), torch.Generator().manual_seed(0), []
     for i in range(n):
-        ad = LoraAdapter.zeros(cfg, r=6, base_model=model_dir)
-        ad.weights = {m: (torch.randn(a.shape, generator=g) * 0.01, torch.randn(b.shape, generator=g) * 0.001)
-                      for m, (a, b) in ad.weights.items()}
-        ad.alpha, ad.meta = 96.0, {}
+        ad = synthetic_adapter(cfg, model_dir, g, r=6, alpha=96.0, a_std=0.01, b_std=0.001)
         paths.append(ad.save(root / f"a{i}", scratch=True))
     return paths
 

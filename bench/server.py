@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import run_metadata
+from common import run_metadata, synthetic_adapter
 
 MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
 
@@ -42,7 +42,7 @@ def build_workspace(root: Path, demo: Path, model_path: Path, fillers: int) -> t
     from transformers import AutoConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from prag_vllm.adapters import AdapterStore, LoraAdapter
+    from prag_vllm.adapters import AdapterStore
     from prag_vllm.corpus import load_corpus
     from prag_vllm.workspace import Workspace
 
@@ -60,11 +60,7 @@ def build_workspace(root: Path, demo: Path, model_path: Path, fillers: int) -> t
     g = torch.Generator().manual_seed(0)
     for i, name in enumerate(names):
         rows.append({"id": f"filler-{i}", "title": name, "text": f"{name} is an invented bench entity number {i}."})
-        ad = LoraAdapter.zeros(cfg, r=2, base_model=str(model_path))
-        ad.weights = {m: (torch.randn(a.shape, generator=g) * 0.01, torch.randn(b.shape, generator=g) * 0.001)
-                      for m, (a, b) in ad.weights.items()}
-        ad.alpha, ad.meta = 32.0, {}
-        store.save(f"filler-{i}", ad)
+        store.save(f"filler-{i}", synthetic_adapter(cfg, str(model_path), g, r=2, alpha=32.0, a_std=0.01, b_std=0.001))
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
     shutil.copy(demo_ws.augmented, root / "augmented.jsonl")

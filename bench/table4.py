@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import run_metadata
+from common import run_metadata, synthetic_adapter
 from server import pct, start_server
 from table4_report import render
 
@@ -53,7 +53,7 @@ def prepare(args, model_path: Path, work: Path) -> tuple[list[str], dict]:
     import torch
     from transformers import AutoConfig
 
-    from prag_vllm.adapters import AdapterStore, LoraAdapter
+    from prag_vllm.adapters import AdapterStore
     from prag_vllm.augment import load_augmentations
     from prag_vllm.datasets import load_dataset
     from prag_vllm.retrieve import BM25Retriever
@@ -78,11 +78,9 @@ def prepare(args, model_path: Path, work: Path) -> tuple[list[str], dict]:
             meta = json.loads((store.path(doc_id) / "prag_meta.json").read_text())
             synthetic += bool(meta.get("synthetic"))
             continue
-        ad = LoraAdapter.zeros(cfg, r=2, base_model=str(model_path))
-        ad.weights = {m: (torch.randn(a.shape, generator=g) * 0.015, torch.randn(b.shape, generator=g) * 0.0018)
-                      for m, (a, b) in ad.weights.items()}  # the spread of trained Qwen adapters
-        ad.alpha, ad.meta = 32.0, {"synthetic": True}
-        store.save(doc_id, ad)
+        # the spread of trained Qwen adapters
+        store.save(doc_id, synthetic_adapter(cfg, str(model_path), g, r=2, alpha=32.0, a_std=0.015, b_std=0.0018,
+                                             meta={"synthetic": True}))
         synthetic += 1
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "corpus.jsonl", "w") as f:

@@ -30,6 +30,17 @@ def targets(result: dict, ops: str = "prag") -> list[tuple[str, str, float, bool
     ]
 
 
+def _mode_rows(result: dict, configs: list[str], modes: list[str], section: str, cells, prompt_tokens=False):
+    """One table row per mode: ``cells(result[config][section], mode)`` for each config, side by side."""
+    rows = []
+    for mode in modes:
+        row = f"| {mode} |"
+        if prompt_tokens:
+            row += f" {_get(result['configs'][configs[-1]], section, mode, 'prompt_tokens'):.0f} |"
+        rows.append(row + "".join(cells(result["configs"][c][section], mode) for c in configs))
+    return rows
+
+
 def render(result: dict) -> str:
     m = result["meta"]
     configs = [c for c in ("stock", "prag") if c in result["configs"]] or ["no-lora"]
@@ -45,14 +56,9 @@ def render(result: dict) -> str:
     lines += [head, "|---|---:|" + "---:|" * 4 * len(configs)]
     ceiling = result["configs"].get("no-lora", {})
     modes = max((list(result["configs"][c]["latency"]) for c in configs), key=len, default=[])
-    for mode in modes:
-        row = f"| {mode} | {_get(result['configs'][configs[-1]], 'latency', mode, 'prompt_tokens'):.0f} |"
-        for c in configs:
-            lat = result["configs"][c]["latency"]
-            std = _get(lat, "standard", "mean_s")
-            row += (f" {_get(lat, mode, 'mean_s'):.3f} | {_get(lat, mode, 'p50_s'):.3f} | {_get(lat, mode, 'p95_s'):.3f} |"
-                    f" {std / _get(lat, mode, 'mean_s'):.2f}x |")
-        lines.append(row)
+    lines += _mode_rows(result, configs, modes, "latency", lambda lat, mode: (
+        f" {_get(lat, mode, 'mean_s'):.3f} | {_get(lat, mode, 'p50_s'):.3f} | {_get(lat, mode, 'p95_s'):.3f} |"
+        f" {_get(lat, 'standard', 'mean_s') / _get(lat, mode, 'mean_s'):.2f}x |"), prompt_tokens=True)
     if ceiling:
         lat = _get(ceiling, "latency", "closed-book")
         lines.append(f"| closed-book, engine without LoRA | {_get(lat, 'prompt_tokens'):.0f} | "
@@ -60,13 +66,9 @@ def render(result: dict) -> str:
     lines += ["", "## Batch throughput: all questions at once", "",
               "| mode | " + " | ".join(f"{c}: q/s | {c}: out tok/s | {c}: vs standard" for c in configs) + " |",
               "|---|" + "---:|" * 3 * len(configs)]
-    for mode in modes:
-        row = f"| {mode} |"
-        for c in configs:
-            b = result["configs"][c]["batch"]
-            row += (f" {_get(b, mode, 'q_s'):.2f} | {_get(b, mode, 'out_tok_s'):.1f} |"
-                    f" {_get(b, mode, 'q_s') / _get(b, 'standard', 'q_s'):.2f}x |")
-        lines.append(row)
+    lines += _mode_rows(result, configs, modes, "batch", lambda b, mode: (
+        f" {_get(b, mode, 'q_s'):.2f} | {_get(b, mode, 'out_tok_s'):.1f} |"
+        f" {_get(b, mode, 'q_s') / _get(b, 'standard', 'q_s'):.2f}x |"))
     if ceiling:
         b = _get(ceiling, "batch", "closed-book")
         lines.append(f"| no-LoRA ceiling (closed-book, engine without LoRA) | {_get(b, 'q_s'):.2f} | "
