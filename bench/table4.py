@@ -17,6 +17,12 @@ Against each, through the official ``openai`` client:
    adapter per question, already merged by step 1);
 3. document ids -> adapter ready: cold (from step 1) and cached (the same sets again).
 
+vLLM's prefix cache is off in every server, so each prompt is computed in full and the
+modes compare prompt lengths. Under the zero-adapter guard, the stock ops send every
+request through vLLM's per-token op (~6 s per standard-RAG question), so the stock server
+gets the first ``--stock-questions`` questions; the comparison table sets it against the
+same questions on the other servers (``batch_subset``: the batch step over them).
+
 Every answer is exactly ``--max-tokens`` tokens (``ignore_eos``), so modes differ only in
 their prompts and adapters. Adapters are pre-built: documents without one in ``--store``
 get a synthetic rank-2 adapter there (random, with the spread of trained ones; speed
@@ -91,7 +97,9 @@ def prepare(args, model_path: Path, work: Path) -> tuple[list[str], dict]:
                        "synthetic_adapters": synthetic, "trained_adapters": len(needed) - synthetic}
 
 
-async def measure(base: str, questions: list[str], modes: list[str], args, lora: bool) -> dict:
+async def measure(base: str, questions: list[str], modes: list[str], args, lora: bool,
+                  subset: int | None = None) -> dict:
+    """Steps 1-3 against one server; ``subset``: also the batch step over the first ``subset`` questions."""
     import openai
 
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=3600)
@@ -103,9 +111,18 @@ async def measure(base: str, questions: list[str], modes: list[str], args, lora:
             extra_body={"ignore_eos": True, "top_k": args.top_k})
         return r, time.perf_counter() - t0
 
+    async def batch(qs: list[str], mode: str) -> dict:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*(ask(q, mode, args.max_tokens) for q in qs))
+        wall = time.perf_counter() - t0
+        tokens = sum(r.usage.completion_tokens for r, _ in rs)
+        return {"n": len(rs), "seconds": wall, "q_s": len(rs) / wall, "out_tok_s": tokens / wall,
+                "parametric_docs": sum(len(r.model_extra["prag"]["parametric"]) for r, _ in rs)}
+
     await ask("warm-up", "closed-book", 2)
     out: dict = {"latency": {}, "batch": {}}
-    ready: dict[str, list[float]] = {"cold": [], "cold merge": [], "cold vLLM load": [], "cached": []}
+    phases = {"cold": "ready_ms", "cold read": "read_ms", "cold merge": "merge_ms", "cold vLLM load": "vllm_load_ms"}
+    ready: dict[str, list[float]] = {k: [] for k in [*phases, "cached"]}
     for mode in modes:  # 1. one request at a time
         lat, prompt = [], []
         for q in questions:
@@ -114,11 +131,10 @@ async def measure(base: str, questions: list[str], modes: list[str], args, lora:
             prompt.append(r.usage.prompt_tokens)
             ad = (r.model_extra or {}).get("prag", {}).get("adapter")
             if ad and not ad["cache_hit"]:
-                ready["cold"].append(ad["ready_ms"])
-                ready["cold merge"].append(ad["merge_ms"])
-                ready["cold vLLM load"].append(ad["vllm_load_ms"])
+                for kind, key in phases.items():
+                    ready[kind].append(ad[key])
         out["latency"][mode] = {"n": len(lat), "mean_s": statistics.mean(lat), "p50_s": pct(lat, 0.5),
-                                "p95_s": pct(lat, 0.95), "prompt_tokens": statistics.mean(prompt)}
+                                "p95_s": pct(lat, 0.95), "prompt_tokens": statistics.mean(prompt), "each_s": lat}
         print(f"  1x {mode}: mean {out['latency'][mode]['mean_s']:.3f} s", flush=True)
     if lora:  # 3. the same document sets again: cached
         for q in questions:
@@ -126,15 +142,13 @@ async def measure(base: str, questions: list[str], modes: list[str], args, lora:
             ad = r.model_extra["prag"]["adapter"]
             if ad and ad["cache_hit"]:
                 ready["cached"].append(ad["ready_ms"])
-        out["adapter_ready_ms"] = {k: {"n": len(v), "p50": pct(v, 0.5), "p95": pct(v, 0.95)} for k, v in ready.items() if v}
+        out["adapter_ready_ms"] = {k: {"n": len(v), "p50": pct(v, 0.5), "p95": pct(v, 0.95), "each": v}
+                                   for k, v in ready.items() if v}
     for mode in modes:  # 2. the whole set at once
-        t0 = time.perf_counter()
-        rs = await asyncio.gather(*(ask(q, mode, args.max_tokens) for q in questions))
-        wall = time.perf_counter() - t0
-        tokens = sum(r.usage.completion_tokens for r, _ in rs)
-        out["batch"][mode] = {"n": len(rs), "seconds": wall, "q_s": len(rs) / wall, "out_tok_s": tokens / wall,
-                              "parametric_docs": sum(len(r.model_extra["prag"]["parametric"]) for r, _ in rs)}
+        out["batch"][mode] = await batch(questions, mode)
         print(f"  batch {mode}: {out['batch'][mode]['q_s']:.2f} q/s", flush=True)
+    if subset and subset < len(questions):
+        out["batch_subset"] = {mode: await batch(questions[:subset], mode) for mode in modes}
     await client.close()
     return out
 
@@ -153,8 +167,11 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--configs", default="no-lora,stock,prag")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--stock-modes", default="standard,parametric,combined",
-                    help="modes run against the stock-ops server (the modes with adapters, and standard as reference)")
+    ap.add_argument("--stock-questions", type=int, default=25,
+                    help="questions asked of the stock-ops server (its per-token op makes every long prompt slow); "
+                         "the comparison uses the same first questions of the other servers")
+    ap.add_argument("--stock-modes", default=",".join(MODES),
+                    help="modes run against the stock-ops server")
     ap.add_argument("--work", default="runs/table4/work")
     ap.add_argument("--out", default="docs/table4")
     args = ap.parse_args()
@@ -166,13 +183,14 @@ def main() -> int:
     work = Path(args.work)
     questions, counts = prepare(args, model_path, work)
     result = {"meta": run_metadata(), "model": model_path.name, "dtype": args.dtype, "data": str(args.data),
-              "max_tokens": args.max_tokens, "max_loras": args.max_loras, **counts, "configs": {}}
+              "max_tokens": args.max_tokens, "max_loras": args.max_loras, "prefix_caching": False,
+              "stock_questions": min(args.stock_questions, args.questions), **counts, "configs": {}}
     print(json.dumps(counts))
     for name in args.configs.split(","):
         env, flags = CONFIGS[name]
         server_args = argparse.Namespace(model=str(model_path), dtype=args.dtype, max_loras=args.max_loras)
         extra = ["--max-num-seqs", str(args.max_num_seqs), "--max-cpu-loras", str(max(args.max_loras, 2 * args.questions)),
-                 "--max-model-len", "4096", "--max-top-k", "8", *flags]
+                 "--max-model-len", "4096", "--max-top-k", "8", "--enable-prefix-caching", "0", *flags]
         run_dir = work / name
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
@@ -182,7 +200,9 @@ def main() -> int:
                                   env={**os.environ, **env})
         try:
             modes = ["closed-book"] if name == "no-lora" else args.stock_modes.split(",") if name == "stock" else args.modes
-            result["configs"][name] = asyncio.run(measure(base, questions, modes, args, lora=name != "no-lora"))
+            qs = questions[:args.stock_questions] if name == "stock" else questions
+            result["configs"][name] = asyncio.run(measure(base, qs, modes, args, lora=name != "no-lora",
+                                                          subset=args.stock_questions))
         finally:
             proc.terminate()
             proc.wait(timeout=120)

@@ -45,14 +45,17 @@ def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False) -
     rank = sum(ad.r for ad in adapters)
     scalings = [ad.scaling for ad in adapters]
     scaling = 1.0 if fold_scaling else scalings[0] if len(set(scalings)) == 1 else 1.0
+    # one factor c_j = s_j / s per column of B (None: all 1); applied once per module, in float32
+    factors = [s_j / scaling for s_j in scalings]
+    col_scale = None if all(c == 1.0 for c in factors) else torch.cat(
+        [torch.full((ad.r,), c, dtype=torch.float32) for ad, c in zip(adapters, factors)])
     merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module in modules:
         a = torch.cat([ad.weights[module][0] for ad in adapters], dim=0)
-        bs = []
-        for ad, s_j in zip(adapters, scalings):
-            b = ad.weights[module][1]
-            bs.append(b if s_j == scaling else (b.float() * (s_j / scaling)).to(b.dtype))
-        merged[module] = (a, torch.cat(bs, dim=1))
+        b = torch.cat([ad.weights[module][1] for ad in adapters], dim=1)
+        if col_scale is not None:
+            b = (b.float() * col_scale).to(b.dtype)
+        merged[module] = (a, b)
     return LoraAdapter(r=rank, alpha=scaling * rank, weights=merged, base_model=adapters[0].base_model,
                        target_modules=adapters[0].target_modules, meta={"kind": "merged"})
 

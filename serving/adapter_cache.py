@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class DocAdapterCache:
         self.rejected: dict[str, str] = {}
         """Document id -> why its adapter is unusable."""
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def has(self, doc_id: str) -> bool:
         """An adapter file exists and was not rejected."""
@@ -95,12 +97,51 @@ class DocAdapterCache:
             return None
         nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
         with self._lock:
+            if doc_id in self._items:  # another thread read it meanwhile
+                return self._items[doc_id][0]
             self._items[doc_id] = (adapter, nbytes)
             self._bytes += nbytes
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 _, (_, n) = self._items.popitem(last=False)
                 self._bytes -= n
         return adapter
+
+
+    def get_many(self, doc_ids: list[str]) -> list[LoraAdapter | None]:
+        """:meth:`get` for several documents; those not in memory are read in parallel
+        (hashing and tensor copies release the GIL)."""
+        with self._lock:
+            cold = sum(i not in self._items for i in doc_ids)
+        if cold <= 1:
+            return [self.get(i) for i in doc_ids]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prag-doc-adapters")
+        return list(self._pool.map(self.get, doc_ids))
+
+    def preload(self, doc_ids: list[str], *, background: bool = False) -> threading.Thread | None:
+        """Read and validate adapters of ``doc_ids`` until the cache is full (``background``:
+        in a daemon thread, returned)."""
+        if background:
+            t = threading.Thread(target=self.preload, args=(doc_ids,), name="prag-preload-adapters", daemon=True)
+            t.start()
+            return t
+        t0, n = time.perf_counter(), 0
+        for doc_id in doc_ids:
+            with self._lock:  # stop when one more (of the average size) would evict what was just read
+                if self._items and self._bytes * (len(self._items) + 1) / len(self._items) > self.max_bytes:
+                    break
+            if self.get(doc_id) is not None:
+                n += 1
+        logger.info("preloaded %d document adapters (%.1f MiB) in %.1f s", n, self._bytes / 2**20,
+                    time.perf_counter() - t0)
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -117,6 +158,9 @@ class MergedEntry:
     refs: int = 0
     """Requests currently using it (pinned while > 0)."""
     merge_seconds: float = 0.0
+    """Concatenating and writing the merged adapter."""
+    read_seconds: float = 0.0
+    """Reading and validating the document adapters that were not in memory yet."""
     pending: asyncio.Future | None = field(default=None, repr=False)
 
     @property
@@ -157,8 +201,12 @@ class MergedAdapterLRU:
         """
         ids = sorted(set(doc_ids))
         entry = self._entries.get(merged_key(ids)) if ids else None
+        read_seconds = 0.0
         if entry is None:
-            usable = await asyncio.to_thread(lambda: [i for i in ids if self.docs.get(i) is not None])
+            t0 = time.perf_counter()
+            got = await asyncio.to_thread(self.docs.get_many, ids)
+            usable = [i for i, a in zip(ids, got) if a is not None]
+            read_seconds = time.perf_counter() - t0
             left_out = [i for i in ids if i not in usable]
             ids = usable
             if not ids:
@@ -183,7 +231,8 @@ class MergedAdapterLRU:
         self.misses += 1
         key = merged_key(ids)
         entry = MergedEntry(key=key, doc_ids=tuple(ids), path=self.root / key, lora_id=self._next_id, rank=0,
-                            nbytes=0, refs=1, pending=asyncio.get_running_loop().create_future())
+                            nbytes=0, refs=1, read_seconds=read_seconds,
+                            pending=asyncio.get_running_loop().create_future())
         self._next_id += 1
         self._entries[key] = entry
         try:

@@ -70,6 +70,14 @@ class ServerConfig:
     """Adapters vLLM keeps loaded in memory (None: vLLM's default, = max_loras)."""
     max_num_seqs: int = 32
     """Requests vLLM schedules together."""
+    enable_prefix_caching: int = 1
+    """1: vLLM reuses the KV cache of a prompt prefix it has seen (system prompt, repeated
+    passages). 0: every prompt is computed in full (benchmarks comparing prompt lengths)."""
+    preload_adapters: int = 0
+    """1: read and validate the corpus's document adapters into memory at start, in the
+    background (bounded by ``doc_cache_max_bytes``), so first requests read no adapter file."""
+    doc_cache_max_bytes: int = 512 << 20
+    """Bytes of validated per-document adapters kept in memory (LRU)."""
     cache_max_entries: int = 256
     """Merged adapters kept on disk (LRU)."""
     cache_max_bytes: int = 1 << 30
@@ -98,8 +106,11 @@ class ServerConfig:
                      "cache_max_entries", "cache_max_bytes", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive")
-        if self.enable_lora not in (0, 1):
-            raise InputError(f"enable_lora must be 0 or 1, got {self.enable_lora}")
+        for name in ("enable_lora", "enable_prefix_caching", "preload_adapters"):
+            if getattr(self, name) not in (0, 1):
+                raise InputError(f"{name} must be 0 or 1, got {getattr(self, name)}")
+        if self.doc_cache_max_bytes <= 0:
+            raise InputError("doc_cache_max_bytes must be positive")
         if self.retriever not in ("bm25", "elasticsearch"):
             raise InputError(f"unknown retriever {self.retriever!r} (choose from bm25, elasticsearch)")
         if self.es_user and not os.environ.get("PRAG_ES_PASSWORD"):

@@ -55,8 +55,9 @@ class Server:
         self.retriever = build_retriever(retriever_config(cfg, ws.index_dir), docs, update_index=False)
         self.model_id = model_identity(self.model_path)
         self.augmentations = load_augmentations(ws.augmented) if ws.augmented.is_file() else {}
-        n_adapters = sum(self.store.has(d.id) for d in docs)
-        logger.info("corpus %s: %d documents, %d with an adapter in %s", corpus, len(docs), n_adapters, self.store.root)
+        self.adapter_doc_ids = [d.id for d in docs if self.store.has(d.id)]
+        logger.info("corpus %s: %d documents, %d with an adapter in %s", corpus, len(docs),
+                    len(self.adapter_doc_ids), self.store.root)
         if cfg.cache_dir:
             self.cache_root = Path(cfg.cache_dir)
             self._tmp = None
@@ -83,7 +84,8 @@ class Server:
                                                max_model_len=cfg.max_model_len, max_lora_rank=cfg.max_lora_rank,
                                                max_loras=cfg.max_loras, max_num_seqs=cfg.max_num_seqs,
                                                enable_lora=bool(cfg.enable_lora),
-                                               extra={"max_cpu_loras": cfg.max_cpu_loras}))
+                                               extra={"max_cpu_loras": cfg.max_cpu_loras,
+                                                      "enable_prefix_caching": bool(cfg.enable_prefix_caching)}))
         self.engine.start()
         loop = asyncio.get_running_loop()
 
@@ -91,7 +93,9 @@ class Server:
             loop.create_task(self.engine.unload_adapter(entry.lora_id))
 
         docs = DocAdapterCache(self.store, expected_shapes(AutoConfig.from_pretrained(self.model_path)),
-                               cfg.max_lora_rank, model_id=self.model_id)
+                               cfg.max_lora_rank, max_bytes=cfg.doc_cache_max_bytes, model_id=self.model_id)
+        if cfg.preload_adapters and cfg.enable_lora:
+            docs.preload(self.adapter_doc_ids, background=True)
         merged = MergedAdapterLRU(docs, self.cache_root, cfg.cache_max_entries, cfg.cache_max_bytes, on_evict=unload)
         return RAGService(self.retriever, docs, merged, self.engine, AutoTokenizer.from_pretrained(self.model_path),
                           ServerMetrics(), self.augmentations, max_lora_rank=cfg.max_lora_rank,

@@ -63,6 +63,7 @@ class Plan:
                 "adapter": None if self.entry is None else {
                     "key": self.entry.key, "rank": self.entry.rank, "cache_hit": self.cache_hit,
                     "ready_ms": round(self.adapter_seconds * 1000, 3),
+                    "read_ms": None if self.cache_hit else round(self.entry.read_seconds * 1000, 3),
                     "merge_ms": None if self.cache_hit else round(self.entry.merge_seconds * 1000, 3),
                     "vllm_load_ms": None if self.cache_hit else round(self.load_seconds * 1000, 3)},
                 "retrieve_ms": round(self.retrieve_seconds * 1000, 3)}

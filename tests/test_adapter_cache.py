@@ -183,6 +183,42 @@ def test_config_file_and_flags(tmp_path):
     assert config_from_args(p.parse_args(["--enable-lora", "0"])).enable_lora == 0
     with pytest.raises(InputError, match="enable_lora must be 0 or 1"):
         config_from_args(p.parse_args(["--enable-lora", "2"]))
+    assert config_from_args(p.parse_args(["--enable-prefix-caching", "0"])).enable_prefix_caching == 0
+    with pytest.raises(InputError, match="preload_adapters must be 0 or 1"):
+        config_from_args(p.parse_args(["--preload-adapters", "3"]))
+
+
+def test_parallel_reads_and_preload(caches, tmp_path):
+    """get_many reads cold adapters in parallel with the same result (bad ones still None);
+    preload fills the cache up to its byte bound, then stops."""
+    from serving.adapter_cache import DocAdapterCache
+
+    store, docs, make, _ = caches
+    (store.path("d5") / "adapter_model.safetensors").write_bytes(b"garbage")
+    got = docs.get_many(["d0", "d1", "d5", "d2", "nope"])
+    assert [a is None for a in got] == [False, False, True, False, True]
+    assert len(docs) == 3 and "d5" in docs.rejected
+    for doc_id, a in zip(["d0", "d1", "d2"], [got[0], got[1], got[3]]):
+        want = store.load(doc_id)
+        assert all((a.weights[m][1] == want.weights[m][1]).all() for m in want.weights)
+    assert docs.nbytes == 3 * (docs.nbytes // 3)  # each counted once
+
+    one = docs.nbytes // 3
+    small = DocAdapterCache(store, docs.shapes, max_rank=8, max_bytes=int(2.5 * one))
+    small.preload([f"d{i}" for i in range(5)], background=True).join(timeout=60)
+    assert list(small._items) == ["d0", "d1"]  # stopped when full, nothing read only to be evicted
+
+
+def test_merge_reports_its_phases(caches):
+    _, _, make, _ = caches
+    lru = make()
+
+    async def run():
+        e, _, hit = await lru.acquire(["d0", "d1", "d2"])
+        return e, hit
+
+    e, hit = asyncio.run(run())
+    assert not hit and e.read_seconds > 0 and e.merge_seconds > 0
 
 
 def test_engine_without_lora_puts_every_document_in_context(tiny_model_dir, tmp_path):

@@ -103,3 +103,28 @@ def test_plan_is_rebuilt_when_the_mapping_changes():
     wrapper.add_lora_linear(out, x, a, b, SCALE, OUTS)
     torch.testing.assert_close(out, reference(y, x, a, b, torch.tensor([2, 2, -1, -1, 1, 1])), rtol=1e-5, atol=1e-5)
 
+
+
+def test_float32_slot_copies_follow_writes_to_the_slots():
+    """Decode runs use cached float32 copies of bf16 slot weights; writing a slot (vLLM
+    activating another adapter there) must be seen by the next step."""
+    a, b = weights(torch.bfloat16, seed=3)
+    x, y = torch.randn(1, IN).to(torch.bfloat16), torch.zeros(1, sum(OUTS), dtype=torch.bfloat16)
+    _, first = planned([1], x, y, a, b, prefill=False)
+    assert (first - reference(y, x, a, b, torch.tensor([1]))).abs().max() < 0.05 * first.abs().max()
+    _, again = planned([1], x, y, a, b, prefill=False)
+    assert torch.equal(first, again) and (id(a[0]), 1) in punica._F32  # served from the cache
+    new_a, new_b = weights(torch.bfloat16, seed=4)
+    for stacked, new in zip(a + b, new_a + new_b):
+        stacked[1] = new[1]  # in place, as vLLM's set_lora does
+    _, after = planned([1], x, y, a, b, prefill=False)
+    want = reference(y, x, a, b, torch.tensor([1]))
+    assert not torch.equal(after, first) and (after - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_float32_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(punica, "F32_CACHE_BYTES", 3 * R * IN * 4)
+    a, b = weights(torch.bfloat16, seed=5)
+    for slot in range(SLOTS):
+        punica._weights(a[0], slot, torch.float32)
+    assert punica._f32_bytes <= punica.F32_CACHE_BYTES and len(punica._F32) <= 3

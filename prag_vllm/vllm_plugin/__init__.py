@@ -1,7 +1,8 @@
 """vLLM plugin (entry point ``vllm.general_plugins``): grouped CPU LoRA ops.
 
 Linear layers go through :mod:`prag_vllm.vllm_plugin.punica` (a per-step plan, a few
-matmuls per layer); the remaining op-level entry points through :mod:`.lora_ops`.
+matmuls per layer); the remaining op-level entry points through :mod:`.lora_ops`;
+:mod:`.compile` keeps torch.compile on; :mod:`.loading` makes ``add_lora`` cheaper.
 
 vLLM loads general plugins in every process it starts (engine core and workers), so the
 patch is in place before any model runs. It only touches the CPU punica wrapper and can
@@ -37,6 +38,9 @@ def register() -> None:
         setattr(punica_cpu, name, getattr(lora_ops, name))
     punica.install(punica_cpu.PunicaWrapperCPU)
     from prag_vllm.vllm_plugin import compile as lora_compile
+    from prag_vllm.vllm_plugin import loading
+
+    loading.install()
 
     if lora_compile.enabled():
         lora_compile.install()

@@ -21,6 +21,8 @@ the last slot's adapter.
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -70,9 +72,38 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
     return StepPlan("gather", rows=rows, slots=indices.index_select(0, rows).long())
 
 
+F32_CACHE_BYTES = 256 << 20
+"""Bound of the float32 copies of slot weights kept for decode runs (LRU)."""
+_F32: OrderedDict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = OrderedDict()
+_f32_bytes = 0
+
+
 def _weights(stacked: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    """The slot's weights in ``dtype``. float32 copies of bf16 slots are cached, keyed by the
+    stacked tensor and slot and checked against the tensor's version counter (any write to
+    the slots, e.g. vLLM activating another adapter, bumps it), so a decode step does not
+    convert every slot's weights again."""
+    global _f32_bytes
     w = stacked[slot, 0] if stacked.dim() == 4 else stacked[slot]
-    return w if w.dtype == dtype else w.to(dtype)
+    if w.dtype == dtype:
+        return w
+    if dtype != torch.float32:
+        return w.to(dtype)
+    key = (id(stacked), slot)
+    hit = _F32.get(key)
+    if hit is not None and hit[0]() is stacked and hit[1] == stacked._version:
+        _F32.move_to_end(key)
+        return hit[2]
+    w32 = w.to(dtype)
+    if hit is not None:
+        _f32_bytes -= hit[2].numel() * 4
+    _F32[key] = (weakref.ref(stacked), stacked._version, w32)
+    _F32.move_to_end(key)
+    _f32_bytes += w32.numel() * 4
+    while _f32_bytes > F32_CACHE_BYTES and len(_F32) > 1:
+        _, (_, _, old) = _F32.popitem(last=False)
+        _f32_bytes -= old.numel() * 4
+    return w32
 
 
 def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
@@ -88,7 +119,8 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
             xs = xs if cdt == dtype else xs.to(cdt)
             for a, b, size in zip(lora_a, lora_b, output_slices):
                 h = torch.nn.functional.linear(xs, _weights(a, slot, cdt))
-                h.mul_(scale)
+                if scale != 1.0:
+                    h.mul_(scale)
                 ys[:, offset:offset + size] += torch.nn.functional.linear(h, _weights(b, slot, cdt))
                 offset += size
         return
@@ -100,7 +132,8 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
         ag = a3.index_select(0, plan.slots).to(dtype)
         bg = b3.index_select(0, plan.slots).to(dtype)
         h = torch.bmm(ag, xs.unsqueeze(2))  # (n, rank, 1)
-        h.mul_(scale)
+        if scale != 1.0:
+            h.mul_(scale)
         out = torch.bmm(bg, h).squeeze(2)  # (n, out)
         if plan.rows is None:
             y[:, offset:offset + size] += out

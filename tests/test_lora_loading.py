@@ -1,0 +1,66 @@
+"""The plugin's faster adapter loading (vllm_plugin/loading.py) loads exactly what vLLM's own path loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import random_adapter
+
+pytest.importorskip("vllm")
+
+
+def _load(lora_model, path):
+    from vllm.lora.peft_helper import PEFTHelper
+
+    helper = PEFTHelper.from_local_dir(str(path), 512)
+    return lora_model.LoRAModel.from_local_checkpoint(
+        str(path), {"gate_proj", "up_proj", "down_proj"}, peft_helper=helper, lora_model_id=1, device="cpu",
+        dtype=None)
+
+
+def test_whole_file_reads_and_memoized_names_load_the_same_adapter(tiny_model_dir, tmp_path, monkeypatch):
+    import safetensors
+    from vllm.lora import lora_model
+
+    from prag_vllm.vllm_plugin import loading
+
+    path = random_adapter(tiny_model_dir, seed=3, rank=4).save(tmp_path / "a", scratch=True)
+    # vLLM's own path (the plugin may already be installed in this process; restored after the test)
+    monkeypatch.setattr(lora_model, "safetensors", safetensors)
+    monkeypatch.setattr(lora_model, "_prag_loading", False, raising=False)
+    original = lora_model.parse_fine_tuned_lora_name
+    while hasattr(original, "__wrapped__"):
+        original = original.__wrapped__
+    monkeypatch.setattr(lora_model, "parse_fine_tuned_lora_name", original)
+    want = _load(lora_model, path)
+
+    loading.install()
+    assert isinstance(lora_model.safetensors, loading._SafetensorsShim)
+    got = _load(lora_model, path)
+    got_again = _load(lora_model, path)
+    assert lora_model.parse_fine_tuned_lora_name.cache_info().hits > 0
+    assert set(got.loras) == set(want.loras) and len(want.loras) == 6  # 2 layers x 3 projections
+    for name, w in want.loras.items():
+        for g in (got.loras[name], got_again.loras[name]):
+            assert g.rank == w.rank == 4 and g.lora_alpha == w.lora_alpha
+            assert g.lora_a.dtype == w.lora_a.dtype and (g.lora_a == w.lora_a).all() and (g.lora_b == w.lora_b).all()
+
+    # files over the limit keep vLLM's memory-mapped reads
+    monkeypatch.setattr(loading, "MAX_WHOLE_READ", 10)
+    assert not isinstance(lora_model.safetensors.safe_open(str(path / "adapter_model.safetensors")),
+                          loading.WholeFileSafeOpen)
+
+
+def test_memoized_parser_keys_on_the_mapper():
+    from prag_vllm.vllm_plugin.loading import memoized_name_parser
+
+    calls = []
+
+    def parse(name, mapper=None):
+        calls.append((name, mapper))
+        return (name.upper() if mapper is None else mapper + name), True
+
+    p = memoized_name_parser(parse)
+    assert p("a") == ("A", True) and p("a") == ("A", True)
+    assert p("a", "m:") == ("m:a", True) and p("a", "n:") == ("n:a", True)
+    assert len(calls) == 3
