@@ -91,6 +91,20 @@ class EngineConfig:
         if self.cpu_reserved_cores is not None:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(self.cpu_reserved_cores))
 
+    def needs_guard(self) -> bool:
+        """Whether adapter-less requests must run with an all-zero adapter: LoRA on, and
+        ``null_adapter_guard`` says so (None: the slot-bug fix of the plugin is not loaded)."""
+        if not self.enable_lora:
+            return False
+        return self.null_adapter_guard if self.null_adapter_guard is not None else not grouped_ops_active()
+
+    def write_null_adapter(self, directory: str | os.PathLike) -> Path:
+        """Save the guard's all-zero rank-1 FFN adapter for ``model`` under ``directory``/null."""
+        from transformers import AutoConfig
+
+        return LoraAdapter.zeros(AutoConfig.from_pretrained(self.model), base_model=self.model).save(
+            Path(directory) / "null")
+
     def vllm_kwargs(self) -> dict:
         """Keyword arguments for ``vllm.LLM`` / ``AsyncEngineArgs``."""
         kwargs = dict(model=self.model, dtype=self.dtype, max_model_len=self.max_model_len, seed=self.seed,
@@ -117,7 +131,6 @@ class VLLMEngine:
 
     def __init__(self, cfg: EngineConfig):
         cfg.apply_env()
-        from transformers import AutoConfig
         from vllm import LLM
 
         self.cfg = cfg
@@ -128,13 +141,11 @@ class VLLMEngine:
         self._lora_ids: dict[str, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="prag-null-lora-")
         self.null_adapter: Path | None = None
-        grouped = grouped_ops_active()
-        self.guard = cfg.null_adapter_guard if cfg.null_adapter_guard is not None else not grouped
-        logger.info("CPU LoRA ops: %s; zero-adapter guard %s", "grouped (prag plugin)" if grouped else "vLLM stock",
-                    "on" if self.guard else "off")
-        if cfg.enable_lora:
-            model_config = AutoConfig.from_pretrained(cfg.model)
-            self.null_adapter = LoraAdapter.zeros(model_config, base_model=cfg.model).save(Path(self._tmp.name) / "null")
+        self.guard = cfg.needs_guard()
+        logger.info("CPU LoRA ops: %s; zero-adapter guard %s",
+                    "grouped (prag plugin)" if grouped_ops_active() else "vLLM stock", "on" if self.guard else "off")
+        if cfg.enable_lora:  # also when off by default: generate(guard=True) may ask for it
+            self.null_adapter = cfg.write_null_adapter(self._tmp.name)
 
     def close(self) -> None:
         """Stop the engine's worker processes. Call it (or use ``with``): after LoRA use,

@@ -159,8 +159,6 @@ class MergedEntry:
     """Requests currently using it (pinned while > 0)."""
     merge_seconds: float = 0.0
     """Concatenating and writing the merged adapter."""
-    read_seconds: float = 0.0
-    """Reading and validating the document adapters that were not in memory yet."""
     pending: asyncio.Future | None = field(default=None, repr=False)
 
     @property
@@ -201,12 +199,9 @@ class MergedAdapterLRU:
         """
         ids = sorted(set(doc_ids))
         entry = self._entries.get(merged_key(ids)) if ids else None
-        read_seconds = 0.0
         if entry is None:
-            t0 = time.perf_counter()
             got = await asyncio.to_thread(self.docs.get_many, ids)
             usable = [i for i, a in zip(ids, got) if a is not None]
-            read_seconds = time.perf_counter() - t0
             left_out = [i for i in ids if i not in usable]
             ids = usable
             if not ids:
@@ -231,8 +226,7 @@ class MergedAdapterLRU:
         self.misses += 1
         key = merged_key(ids)
         entry = MergedEntry(key=key, doc_ids=tuple(ids), path=self.root / key, lora_id=self._next_id, rank=0,
-                            nbytes=0, refs=1, read_seconds=read_seconds,
-                            pending=asyncio.get_running_loop().create_future())
+                            nbytes=0, refs=1, pending=asyncio.get_running_loop().create_future())
         self._next_id += 1
         self._entries[key] = entry
         try:

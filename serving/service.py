@@ -47,6 +47,8 @@ class Plan:
     retrieve_seconds: float = 0.0
     adapter_seconds: float = 0.0
     """Retrieved document ids -> merged adapter loaded in vLLM."""
+    read_seconds: float = 0.0
+    """Of which: choosing the documents (reading and validating adapters not in memory yet)."""
     load_seconds: float = 0.0
     """Of which: vLLM loading the merged adapter (cache misses)."""
     released: bool = False
@@ -63,7 +65,7 @@ class Plan:
                 "adapter": None if self.entry is None else {
                     "key": self.entry.key, "rank": self.entry.rank, "cache_hit": self.cache_hit,
                     "ready_ms": round(self.adapter_seconds * 1000, 3),
-                    "read_ms": None if self.cache_hit else round(self.entry.read_seconds * 1000, 3),
+                    "read_ms": round(self.read_seconds * 1000, 3),
                     "merge_ms": None if self.cache_hit else round(self.entry.merge_seconds * 1000, 3),
                     "vllm_load_ms": None if self.cache_hit else round(self.load_seconds * 1000, 3)},
                 "retrieve_ms": round(self.retrieve_seconds * 1000, 3)}
@@ -114,11 +116,13 @@ class RAGService:
         chosen, rejected, rank = [], [], 0
         if not self.engine.settings.enable_lora:
             return chosen, rejected
+        with_file = [d.id for d in docs if d.id in self.docs.rejected or self.docs.has(d.id)]
+        adapters = dict(zip(with_file, self.docs.get_many(with_file)))  # files not in memory: read in parallel
         for d in docs:
-            if not self.docs.has(d.id):
+            if d.id not in adapters:
                 continue
-            adapter = self.docs.get(d.id)
-            if adapter is None:
+            adapter = adapters[d.id]
+            if adapter is None:  # unusable: reported on every request, not only the first
                 rejected.append(d.id)
             elif rank + adapter.r <= self.max_lora_rank:
                 chosen.append(d.id)
@@ -135,6 +139,7 @@ class RAGService:
         plan.retrieve_seconds = t1 - t0
         if mode.parametric and plan.retrieved:
             chosen, plan.rejected = await asyncio.to_thread(self._select, plan.retrieved)
+            plan.read_seconds = time.perf_counter() - t1
             if chosen:
                 entry, left_out, hit = await self.merged.acquire(chosen)
                 plan.rejected += left_out

@@ -63,7 +63,8 @@ def server(tmp_path_factory, test_model_dir):
     cmd = [sys.executable, "-m", "serving", "--corpus", str(corpus), "--work-dir", str(root / "ws"),
            "--adapter-store", str(store.root), "--model", str(test_model_dir), "--dtype", "float32",
            "--port", str(port), "--max-model-len", "1024", "--max-loras", "8", "--max-num-seqs", "32",
-           "--max-top-k", "8", "--api-key", API_KEY, "--cache-max-entries", "32", "--log-level", "warning"]
+           "--max-top-k", "8", "--api-key", API_KEY, "--cache-max-entries", "32", "--log-level", "info",
+           "--preload-adapters", "1"]
     audit = root / "files.log"
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", PRAG_AUDIT_FILES=str(audit)))

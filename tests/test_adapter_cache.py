@@ -209,18 +209,6 @@ def test_parallel_reads_and_preload(caches, tmp_path):
     assert list(small._items) == ["d0", "d1"]  # stopped when full, nothing read only to be evicted
 
 
-def test_merge_reports_its_phases(caches):
-    _, _, make, _ = caches
-    lru = make()
-
-    async def run():
-        e, _, hit = await lru.acquire(["d0", "d1", "d2"])
-        return e, hit
-
-    e, hit = asyncio.run(run())
-    assert not hit and e.read_seconds > 0 and e.merge_seconds > 0
-
-
 def test_engine_without_lora_puts_every_document_in_context(tiny_model_dir, tmp_path):
     """enable_lora = 0: no document is chosen as a parameter, whatever adapters exist."""
     from types import SimpleNamespace

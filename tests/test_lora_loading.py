@@ -64,3 +64,33 @@ def test_memoized_parser_keys_on_the_mapper():
     assert p("a") == ("A", True) and p("a") == ("A", True)
     assert p("a", "m:") == ("m:a", True) and p("a", "n:") == ("n:a", True)
     assert len(calls) == 3
+
+
+def test_idle_spinning_is_shortened(monkeypatch, tmp_path):
+    """vllm_plugin/idle.py: vLLM's shared-memory readers spin for PRAG_VLLM_BUSY_LOOP_S, not 1 s."""
+    import zmq
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    from prag_vllm.vllm_plugin import idle
+
+    monkeypatch.setattr(shm_broadcast.SpinCondition, "_prag_idle", False, raising=False)
+    init = shm_broadcast.SpinCondition.__init__
+    while hasattr(init, "__wrapped__"):  # the plugin may already be installed in this process
+        init = init.__wrapped__
+    monkeypatch.setattr(shm_broadcast.SpinCondition, "__init__", init)
+    ctx = zmq.Context()
+    try:
+        addr = f"ipc://{tmp_path}/notify"
+        assert shm_broadcast.SpinCondition(True, ctx, addr).busy_loop_s == 1  # vLLM's own
+        monkeypatch.setenv("PRAG_VLLM_BUSY_LOOP_S", "0.004")
+        idle.install()
+        reader = shm_broadcast.SpinCondition(True, ctx, addr)
+        assert reader.busy_loop_s == 0.004
+        assert shm_broadcast.SpinCondition(True, ctx, addr, busy_loop_s=0.5).busy_loop_s == 0.5  # explicit wins
+    finally:
+        ctx.destroy(linger=0)
+    monkeypatch.setenv("PRAG_VLLM_BUSY_LOOP_S", "-1")
+    with pytest.raises(ValueError, match=">= 0"):
+        idle.busy_loop_seconds()
+    monkeypatch.delenv("PRAG_VLLM_BUSY_LOOP_S")
+    assert idle.busy_loop_seconds() == idle.DEFAULT_BUSY_LOOP_S

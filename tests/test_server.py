@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import time
 
 import httpx
 import openai
@@ -166,6 +167,20 @@ def test_metrics_count_requests_and_cache(client, server):
     assert values['prag_requests_total{endpoint="chat",mode="parametric",status="200"}'] >= 2
     assert values["prag_adapter_merge_seconds_count"] >= 1
     assert httpx.get(server["base"] + "/metrics").status_code == 401
+
+
+def test_preloaded_document_adapters(server):
+    """--preload-adapters 1: every usable document adapter is read at start (the bad ones are
+    rejected there), and the gauge shows them in memory."""
+    usable = len(WORDS) - len(NO_ADAPTER)
+    deadline, line = time.time() + 60, None
+    while time.time() < deadline and line is None:
+        line = next((ln for ln in server["log"].read_text().splitlines() if "preloaded" in ln), None)
+        time.sleep(0.5)
+    assert line is not None and f"preloaded {usable} document adapters" in line, line
+    text = httpx.get(server["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
+    gauge = next(float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith("prag_doc_adapters_in_memory "))
+    assert gauge == usable
 
 
 @pytest.mark.parametrize("mode", ["closed-book", "parametric"])

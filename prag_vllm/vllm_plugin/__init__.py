@@ -2,7 +2,8 @@
 
 Linear layers go through :mod:`prag_vllm.vllm_plugin.punica` (a per-step plan, a few
 matmuls per layer); the remaining op-level entry points through :mod:`.lora_ops`;
-:mod:`.compile` keeps torch.compile on; :mod:`.loading` makes ``add_lora`` cheaper.
+:mod:`.compile` keeps torch.compile on; :mod:`.loading` makes ``add_lora`` cheaper;
+:mod:`.idle` shortens vLLM's busy-waiting between its processes (CPU only).
 
 vLLM loads general plugins in every process it starts (engine core and workers), so the
 patch is in place before any model runs. It only touches the CPU punica wrapper and can
@@ -23,6 +24,15 @@ def enabled() -> bool:
     return os.environ.get("PRAG_STOCK_LORA_OPS", "0") not in ("1", "true", "yes")
 
 
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return current_platform.is_cpu()
+    except Exception:  # platform detection failed: leave vLLM's behaviour alone
+        return False
+
+
 def register() -> None:
     """Swap vLLM's per-token CPU LoRA ops for grouped ones (idempotent)."""
     if not enabled():
@@ -38,9 +48,11 @@ def register() -> None:
         setattr(punica_cpu, name, getattr(lora_ops, name))
     punica.install(punica_cpu.PunicaWrapperCPU)
     from prag_vllm.vllm_plugin import compile as lora_compile
-    from prag_vllm.vllm_plugin import loading
+    from prag_vllm.vllm_plugin import idle, loading
 
     loading.install()
+    if _on_cpu():
+        idle.install()
 
     if lora_compile.enabled():
         lora_compile.install()

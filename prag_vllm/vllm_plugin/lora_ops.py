@@ -7,6 +7,11 @@ an adapter) as the LAST slot, so a base-model request batched with adapter reque
 computed with somebody else's adapter. Here tokens are grouped by slot (at most
 max_loras groups), each group does one matmul on its gathered rows, and the result is
 scattered back; tokens with slot -1 get exactly zero.
+
+Only LoRA on embeddings and logits still calls these ops (linear layers go through
+:mod:`.punica`'s plan). They group by slot value rather than by the plan's runs: their
+weights can be vocabulary-sized, and one matmul per distinct slot never copies them,
+where the plan's ``gather`` would copy a slot's weights for every decode token.
 """
 
 from __future__ import annotations

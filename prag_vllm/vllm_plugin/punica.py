@@ -21,6 +21,7 @@ the last slot's adapter.
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -72,8 +73,8 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
     return StepPlan("gather", rows=rows, slots=indices.index_select(0, rows).long())
 
 
-F32_CACHE_BYTES = 256 << 20
-"""Bound of the float32 copies of slot weights kept for decode runs (LRU)."""
+F32_CACHE_BYTES = int(float(os.environ.get("PRAG_F32_CACHE_MB", "256")) * (1 << 20))
+"""Bound of the float32 copies of slot weights kept for decode runs (LRU; ``PRAG_F32_CACHE_MB``)."""
 _F32: OrderedDict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = OrderedDict()
 _f32_bytes = 0
 

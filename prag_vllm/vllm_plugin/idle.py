@@ -1,0 +1,57 @@
+"""Shorter busy-waiting between vLLM's processes on CPU.
+
+vLLM's worker and engine core pass each step through a shared-memory queue. After every
+read, the reader keeps spinning on it (``sched_yield`` in a loop) for one second
+(``SpinCondition.busy_loop_s``) before it sleeps on a socket. On a GPU host that costs an
+otherwise idle CPU core; on a 2-core CPU host the spinning processes take the very cores
+the model and the server need: after each request both keep spinning while the server
+reads, merges and loads the next request's adapter (measured: about 2x slower merges and
+loads on the server than the same code alone, ``docs/lora_cpu.md``).
+
+Here the window is ``PRAG_VLLM_BUSY_LOOP_S`` seconds (default 0.002: long enough to cover
+the gaps between decode steps under load, short enough to stop at once when idle).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BUSY_LOOP_S = 0.002
+
+
+def busy_loop_seconds() -> float:
+    """The reader's spin window (``PRAG_VLLM_BUSY_LOOP_S``; vLLM's own value is 1)."""
+    raw = os.environ.get("PRAG_VLLM_BUSY_LOOP_S")
+    if raw is None:
+        return DEFAULT_BUSY_LOOP_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"PRAG_VLLM_BUSY_LOOP_S must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"PRAG_VLLM_BUSY_LOOP_S must be >= 0, got {raw!r}")
+    return value
+
+
+def install() -> None:
+    """Patch ``SpinCondition`` so readers spin for :func:`busy_loop_seconds` (idempotent)."""
+    try:
+        from vllm.distributed.device_communicators import shm_broadcast
+    except ImportError:
+        return
+    cls = getattr(shm_broadcast, "SpinCondition", None)
+    if cls is None or getattr(cls, "_prag_idle", False):
+        return
+    init, seconds = cls.__init__, busy_loop_seconds()
+
+    @functools.wraps(init)
+    def patched_init(self, is_reader, context, notify_address, busy_loop_s=None):
+        init(self, is_reader, context, notify_address, busy_loop_s=seconds if busy_loop_s is None else busy_loop_s)
+
+    cls.__init__ = patched_init
+    cls._prag_idle = True
+    logger.debug("prag: vLLM shared-memory readers spin for %.3f s after a read", seconds)
