@@ -40,14 +40,19 @@ def targets(result: dict, ops: str = "prag", n: int | None = None) -> list[tuple
     ]
 
 
-def _mode_rows(result: dict, configs: list[str], modes: list[str], section: str, cells, prompt_tokens=False):
-    """One table row per mode: ``cells(result[config][section], mode)`` for each config, side by side."""
-    rows = []
-    for mode in modes:
-        row = f"| {mode} |"
-        if prompt_tokens:
-            row += f" {_get(result['configs'][configs[-1]], section, mode, 'prompt_tokens'):.0f} |"
-        rows.append(row + "".join(cells(result["configs"][c][section], mode) for c in configs))
+def _mode_table(sections: dict, ceiling: dict, modes: list[str], cells, ratio, ceiling_label: str,
+                prompt_tokens: bool = False) -> list[str]:
+    """One row per mode of ``sections`` (mode -> measurements): ``cells(m)`` and ``ratio(m, standard)``;
+    then the engine-without-LoRA row (closed-book of ``ceiling``), same cells, no ratio."""
+    def row(label: str, m: dict, last: str) -> str:
+        tokens = f" {_get(m, 'prompt_tokens'):.0f} |" if prompt_tokens else ""
+        return f"| {label} |{tokens}{cells(m)}{last}"
+
+    rows = [row(mode, _get(sections, mode, default={}),
+                f" {ratio(_get(sections, mode, default={}), _get(sections, 'standard', default={})):.2f}x |")
+            for mode in modes]
+    if ceiling:
+        rows.append(row(ceiling_label, _get(ceiling, "closed-book", default={}), " |"))
     return rows
 
 
@@ -64,27 +69,21 @@ def render(result: dict) -> str:
              f"(vLLM's stock ops: the comparison below).", "",
              "## Per-question latency, one request at a time (the paper's Table 4 shape)", ""]
     lines += ["| mode | prompt tokens | mean s | p50 s | p95 s | speed-up vs standard |", "|---|---:|---:|---:|---:|---:|"]
-    ceiling = result["configs"].get("no-lora", {})
-    modes = list(result["configs"][configs[0]]["latency"])
-    lines += _mode_rows(result, configs, modes, "latency", lambda lat, mode: (
-        f" {_get(lat, mode, 'mean_s'):.3f} | {_get(lat, mode, 'p50_s'):.3f} | {_get(lat, mode, 'p95_s'):.3f} |"
-        f" {_get(lat, 'standard', 'mean_s') / _get(lat, mode, 'mean_s'):.2f}x |"), prompt_tokens=True)
-    if ceiling:
-        lat = _get(ceiling, "latency", "closed-book")
-        lines.append(f"| closed-book, engine without LoRA | {_get(lat, 'prompt_tokens'):.0f} | "
-                     f"{_get(lat, 'mean_s'):.3f} | {_get(lat, 'p50_s'):.3f} | {_get(lat, 'p95_s'):.3f} | |")
+    main, ceiling = result["configs"][configs[0]], result["configs"].get("no-lora", {})
+    modes = list(main["latency"])
+    lines += _mode_table(main["latency"], ceiling.get("latency", {}), modes,
+                         lambda m: f" {_get(m, 'mean_s'):.3f} | {_get(m, 'p50_s'):.3f} | {_get(m, 'p95_s'):.3f} |",
+                         lambda m, std: _get(std, "mean_s") / _get(m, "mean_s"),
+                         "closed-book, engine without LoRA", prompt_tokens=True)
     lines += ["", "## Batch throughput: all questions at once", "",
               "| mode | q/s | out tok/s | vs standard |", "|---|---:|---:|---:|"]
-    lines += _mode_rows(result, configs, modes, "batch", lambda b, mode: (
-        f" {_get(b, mode, 'q_s'):.2f} | {_get(b, mode, 'out_tok_s'):.1f} |"
-        f" {_get(b, mode, 'q_s') / _get(b, 'standard', 'q_s'):.2f}x |"))
-    if ceiling:
-        b = _get(ceiling, "batch", "closed-book")
-        lines.append(f"| no-LoRA ceiling (closed-book, engine without LoRA) | {_get(b, 'q_s'):.2f} | "
-                     f"{_get(b, 'out_tok_s'):.1f} | |")
+    lines += _mode_table(main["batch"], ceiling.get("batch", {}), modes,
+                         lambda m: f" {_get(m, 'q_s'):.2f} | {_get(m, 'out_tok_s'):.1f} |",
+                         lambda m, std: _get(m, "q_s") / _get(std, "q_s"),
+                         "no-LoRA ceiling (closed-book, engine without LoRA)")
     lines += ["", "## Document ids -> adapter ready (read + merge + write + load into vLLM)", "",
               "| | n | p50 ms | p95 ms |", "|---|---:|---:|---:|"]
-    for k, v in _get(result["configs"][configs[0]], "adapter_ready_ms", default={}).items():
+    for k, v in _get(main, "adapter_ready_ms", default={}).items():
         lines.append(f"| {k} | {_get(v, 'n', default=0)} | {_get(v, 'p50'):.2f} | {_get(v, 'p95'):.2f} |")
     lines += _stock_section(result)
     lines += ["", "## Targets (ratios from this run)", "", "| target | measured as | " +
