@@ -108,8 +108,9 @@ class DocAdapterCache:
 
 
     def get_many(self, doc_ids: list[str]) -> list[LoraAdapter | None]:
-        """:meth:`get` for several documents; those not in memory are read in parallel
-        (hashing and tensor copies release the GIL)."""
+        """:meth:`get` for several documents; those not in memory are read in parallel.
+        File reads and hashing release the GIL; ``safetensors.torch.load`` holds it (py-spy),
+        so on this 2-core machine the gain over one thread is small."""
         with self._lock:
             cold = sum(i not in self._items for i in doc_ids)
         if cold <= 1:
