@@ -87,6 +87,30 @@ def model_identity(model_dir: str | os.PathLike) -> str | None:
     return _identity(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
+@dataclass(frozen=True)
+class WeightsSource:
+    """Which bytes an adapter was read from: the file and its identity when it was read.
+
+    A later reader can trust the same file without re-hashing it while
+    :meth:`unchanged` holds (adapters are replaced by renaming a new directory into
+    place, which gives the file a new inode)."""
+
+    path: str
+    sha256: str
+    size: int
+    mtime_ns: int
+    inode: int
+
+    def unchanged(self, st: os.stat_result) -> bool:
+        return (st.st_size, st.st_mtime_ns, st.st_ino) == (self.size, self.mtime_ns, self.inode)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[bytes, os.stat_result]:
+    """The bytes of a tensors file and its ``fstat`` taken on the same open file."""
+    with open(path, "rb") as fh:
+        return fh.read(), os.fstat(fh.fileno())
+
+
 @dataclass
 class LoraAdapter:
     """A LoRA on a causal LM: per-module factors plus its rank and alpha."""
@@ -103,6 +127,8 @@ class LoraAdapter:
     """Leaf module names the adapter touches."""
     meta: dict = field(default_factory=dict)
     """Free-form metadata written to ``prag_meta.json``."""
+    source: WeightsSource | None = field(default=None, repr=False, compare=False)
+    """The tensors file it was read from (set by :meth:`load`; not written anywhere)."""
 
     @property
     def scaling(self) -> float:
@@ -160,9 +186,6 @@ class LoraAdapter:
     @classmethod
     def load(cls, directory: str | os.PathLike, *, verify: bool = True) -> LoraAdapter:
         """Read and validate a PEFT adapter directory; raise :class:`AdapterError` if it is bad."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
         directory = Path(directory)
         cfg_path, w_path, meta_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE, directory / META_FILE
         if not cfg_path.is_file() or not w_path.is_file():
@@ -174,29 +197,40 @@ class LoraAdapter:
             raise AdapterError(f"{cfg_path}: unreadable adapter config ({exc})") from None
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         try:  # one read: hashed and deserialized from memory (2x faster than per-tensor reads)
-            raw = w_path.read_bytes()
+            raw, st = read_weights(w_path)
         except OSError as exc:
             raise AdapterError(f"{w_path}: unreadable ({exc})") from None
-        if verify and meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+        sha = hashlib.sha256(raw).hexdigest()
+        if verify and meta.get("sha256") and sha != meta["sha256"]:
             raise AdapterError(f"{w_path}: checksum mismatch (corrupt or modified adapter)")
+        adapter = cls.from_bytes(raw, r, alpha, where=str(w_path))
+        adapter.base_model = str(meta.get("base_model", cfg.get("base_model_name_or_path") or ""))
+        adapter.meta = meta
+        adapter.source = WeightsSource(str(w_path.resolve()), sha, st.st_size, st.st_mtime_ns, st.st_ino)
+        return adapter
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, r: int, alpha: float, *, where: str = "adapter") -> LoraAdapter:
+        """An adapter from the bytes of a PEFT ``adapter_model.safetensors`` (rank ``r``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
         try:
             tensors = load(raw)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterError(f"{w_path}: unreadable tensors ({exc})") from None
+            raise AdapterError(f"{where}: unreadable tensors ({exc})") from None
         weights: dict[str, list] = {}
         for key, t in tensors.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise AdapterError(f"{w_path}: unexpected tensor {key!r}")
+                raise AdapterError(f"{where}: unexpected tensor {key!r}")
             module = key[len(PEFT_PREFIX):].rsplit(".", 2)[0]
             slot = 0 if key.endswith(".lora_A.weight") else 1
             weights.setdefault(module, [None, None])[slot] = t
         for module, (a, b) in weights.items():
             if a is None or b is None or a.shape[0] != r or b.shape[1] != r:
-                raise AdapterError(f"{w_path}: module {module} does not have rank-{r} A and B factors")
+                raise AdapterError(f"{where}: module {module} does not have rank-{r} A and B factors")
         targets = tuple(sorted({m.rsplit(".", 1)[-1] for m in weights}))
-        return cls(r=r, alpha=alpha, weights={m: (a, b) for m, (a, b) in weights.items()},
-                   base_model=str(meta.get("base_model", cfg.get("base_model_name_or_path") or "")),
-                   target_modules=targets, meta=meta)
+        return cls(r=r, alpha=alpha, weights={m: (a, b) for m, (a, b) in weights.items()}, target_modules=targets)
 
     @classmethod
     def zeros(cls, model_config: object, r: int = 1, base_model: str = "") -> LoraAdapter:

@@ -14,17 +14,31 @@ every c_j = 1: no tensor is rescaled and the merge is exact in any dtype.
 instead. The product is the same; vLLM, which multiplies B by s itself each time it loads
 an adapter (about 4 ms of a ~24 ms load for Qwen2.5-0.5B), then skips that step. With the
 usual s_j = 16 (a power of two) the folded B is bit-exact in bf16 as well.
+
+A merge can also be handed to vLLM as a *manifest* (:func:`write_merge_manifest`): a
+PEFT directory whose ``adapter_config.json`` describes the merged adapter and whose
+``prag_merge.json`` lists the document adapters' tensor files (path, sha256, identity of
+the file when the server validated it) instead of holding merged tensors. This project's
+vLLM plugin (:mod:`prag_vllm.vllm_plugin.merged`) builds the same tensors in the worker
+with :func:`merge_from_manifest`, from document adapters it keeps in memory: nothing is
+concatenated twice, written or parsed again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from prag_vllm.adapters import AdapterStore, LoraAdapter
+from prag_vllm.adapters import CONFIG_FILE, AdapterStore, LoraAdapter, WeightsSource
 from prag_vllm.errors import AdapterError
+from prag_vllm.fileio import atomic_directory
+
+MANIFEST_FILE = "prag_merge.json"
+MANIFEST_FORMAT = "prag-merge/1"
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +72,48 @@ def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False) -
         merged[module] = (a, b)
     return LoraAdapter(r=rank, alpha=scaling * rank, weights=merged, base_model=adapters[0].base_model,
                        target_modules=adapters[0].target_modules, meta={"kind": "merged"})
+
+
+def write_merge_manifest(adapters: list[LoraAdapter], directory: str | os.PathLike, doc_ids: list[str]) -> int:
+    """Write the merge of ``adapters`` (each read from a file: ``adapter.source`` set) as a
+    manifest directory, atomically; returns its size in bytes. The merged adapter it
+    describes is ``merge_adapters(adapters, fold_scaling=True)``."""
+    if not adapters:
+        raise AdapterError("nothing to merge: no adapters given")
+    if any(ad.source is None for ad in adapters):
+        raise AdapterError("a merge manifest needs adapters read from files (LoraAdapter.load)")
+    rank = sum(ad.r for ad in adapters)
+    config = LoraAdapter(r=rank, alpha=float(rank), weights={}, base_model=adapters[0].base_model,
+                         target_modules=adapters[0].target_modules).peft_config()
+    manifest = {"format": MANIFEST_FORMAT, "doc_ids": list(doc_ids), "r": rank,
+                "parts": [{"path": ad.source.path, "sha256": ad.source.sha256, "size": ad.source.size,
+                           "mtime_ns": ad.source.mtime_ns, "inode": ad.source.inode, "r": ad.r, "alpha": ad.alpha}
+                          for ad in adapters]}
+    nbytes = 0
+    with atomic_directory(Path(directory), durable=False) as tmp:
+        for name, body in ((CONFIG_FILE, config), (MANIFEST_FILE, manifest)):
+            raw = json.dumps(body).encode()
+            (tmp / name).write_bytes(raw)
+            nbytes += len(raw)
+    return nbytes
+
+
+def merge_from_manifest(directory: str | os.PathLike,
+                        load_part: Callable[[WeightsSource, int, float], LoraAdapter]) -> LoraAdapter:
+    """The merged adapter a manifest directory describes; ``load_part(source, r, alpha)``
+    returns one document adapter (and must check the file is the one the manifest names)."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise AdapterError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        parts = [(WeightsSource(str(p["path"]), str(p["sha256"]), int(p["size"]), int(p["mtime_ns"]),
+                                int(p["inode"])), int(p["r"]), float(p["alpha"])) for p in manifest["parts"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterError(f"{path}: unreadable merge manifest ({exc})") from None
+    if not parts or sum(r for _, r, _ in parts) != manifest.get("r"):
+        raise AdapterError(f"{path}: parts do not add up to rank {manifest.get('r')}")
+    return merge_adapters([load_part(*p) for p in parts], fold_scaling=True)
 
 
 def merged_key(doc_ids: list[str]) -> str:

@@ -6,7 +6,10 @@ Two caches, both bounded:
   reads no file), and remembers documents whose adapter is unusable (corrupt, wrong
   shapes): those are answered in context instead and never reach vLLM.
 * :class:`MergedAdapterLRU` keeps merged adapters (PEFT directories vLLM loads) keyed by
-  the sorted document-id set, bounded in count and bytes. Concurrent requests for the
+  the sorted document-id set, bounded in count and bytes. With ``worker_merge`` a
+  directory is a merge manifest (:func:`prag_vllm.merge.write_merge_manifest`, two small
+  JSON files) and vLLM's worker concatenates the tensors itself (this project's plugin);
+  otherwise the merged tensors are written here. Concurrent requests for the
   same set share one merge (single flight); an entry in use by a running request is
   pinned and never evicted. Evicted entries are deleted and unloaded from vLLM.
 """
@@ -19,14 +22,14 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prag_vllm.adapters import AdapterStore, LoraAdapter
 from prag_vllm.errors import AdapterError
-from prag_vllm.merge import merge_adapters, merged_key
+from prag_vllm.merge import merge_adapters, merged_key, write_merge_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,14 @@ class DocAdapterCache:
                     time.perf_counter() - t0)
         return None
 
+    def forget(self, doc_ids) -> None:
+        """Drop ``doc_ids`` from memory (their files changed): the next :meth:`get` reads and validates them again."""
+        with self._lock:
+            for doc_id in doc_ids:
+                item = self._items.pop(doc_id, None)
+                if item is not None:
+                    self._bytes -= item[1]
+
     @property
     def nbytes(self) -> int:
         return self._bytes
@@ -159,7 +170,11 @@ class MergedEntry:
     refs: int = 0
     """Requests currently using it (pinned while > 0)."""
     merge_seconds: float = 0.0
-    """Concatenating and writing the merged adapter."""
+    """Concatenating and writing the merged adapter (or writing its manifest)."""
+    manifest: bool = False
+    """Written as a merge manifest (vLLM's worker concatenates the tensors)."""
+    load_seconds: float = 0.0
+    """vLLM loading it (the ``load`` callback of :class:`MergedAdapterLRU`)."""
     pending: asyncio.Future | None = field(default=None, repr=False)
 
     @property
@@ -171,8 +186,14 @@ class MergedAdapterLRU:
     """Merged adapters keyed by document-id set; bounded by ``max_entries`` and ``max_bytes``."""
 
     def __init__(self, docs: DocAdapterCache, root: str | Path, max_entries: int, max_bytes: int,
-                 on_evict: Callable[[MergedEntry], None] | None = None):
+                 on_evict: Callable[[MergedEntry], None] | None = None, *, worker_merge: bool = False,
+                 load: Callable[[MergedEntry], Awaitable[None]] | None = None):
         self.docs = docs
+        self.load = load
+        """Loads a new entry into vLLM before anyone uses it; if it fails, the entry is
+        dropped and every request waiting for it gets the error."""
+        self.worker_merge = worker_merge
+        """Write merge manifests (vLLM's worker merges, with this project's plugin) instead of tensors."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries
@@ -227,15 +248,20 @@ class MergedAdapterLRU:
         self.misses += 1
         key = merged_key(ids)
         entry = MergedEntry(key=key, doc_ids=tuple(ids), path=self.root / key, lora_id=self._next_id, rank=0,
-                            nbytes=0, refs=1, pending=asyncio.get_running_loop().create_future())
+                            nbytes=0, refs=1, manifest=self.worker_merge, pending=asyncio.get_running_loop().create_future())
         self._next_id += 1
         self._entries[key] = entry
         try:
             t0 = time.perf_counter()
             entry.rank, entry.nbytes = await asyncio.to_thread(self._build, ids, entry.path)
-            entry.merge_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            entry.merge_seconds = t1 - t0
+            if self.load is not None:
+                await self.load(entry)
+                entry.load_seconds = time.perf_counter() - t1
         except BaseException as exc:
             del self._entries[key]
+            shutil.rmtree(entry.path, ignore_errors=True)
             entry.pending.set_exception(exc if isinstance(exc, Exception) else AdapterError("merge cancelled"))
             entry.pending.exception()  # mark retrieved: waiters re-raise it themselves
             raise
@@ -253,6 +279,8 @@ class MergedAdapterLRU:
         adapters = [self.docs.get(i) for i in ids]
         if any(a is None for a in adapters):
             raise AdapterError(f"adapter of one of {ids} became unusable during the merge")
+        if self.worker_merge:
+            return sum(a.r for a in adapters), write_merge_manifest(adapters, path, ids)
         merged = merge_adapters(adapters, fold_scaling=True)  # vLLM then skips its rescale on load
         merged.meta = {"kind": "merged", "doc_ids": ids}
         merged.save(path, dtype=next(iter(merged.weights.values()))[0].dtype, scratch=True)

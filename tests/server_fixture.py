@@ -1,7 +1,8 @@
 """The real server process on loopback, shared by the server tests (one per test session).
 
 Its corpus: 20 invented documents, 16 with a random adapter (``NO_ADAPTER`` have none), plus
-two whose adapters are unusable (``BAD_ADAPTERS``: a flipped byte, another base model).
+two whose adapters are unusable (``BAD_ADAPTERS``: a flipped byte, another base model) and
+one (``SWAP_DOC``) whose adapter a test replaces while the server runs.
 With ``PRAG_AUDIT_FILES`` set, the server logs every file it opens (Python audit hook).
 """
 
@@ -26,6 +27,8 @@ WORDS = ["Velmora", "Tarnholm", "Quorra", "Orvanne", "Brask", "Solbakk", "Ostrev
 NO_ADAPTER = {f"doc{i}" for i in range(len(WORDS)) if i % 5 == 4}
 MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
 BAD_ADAPTERS = {"bad-bytes": "Corruptia", "bad-model": "Wrongmodelia"}
+SWAP_DOC = ("doc-swap", "Rewoldia")
+"""A document with a good adapter that only test_replaced_adapter_while_serving asks about."""
 
 
 def _free_port() -> int:
@@ -50,6 +53,9 @@ def server(tmp_path_factory, test_model_dir):
     for j, (doc_id, title) in enumerate(BAD_ADAPTERS.items()):
         docs.append({"id": doc_id, "title": title, "text": f"{title} is a fictional harbour with a lighthouse."})
         store.save(doc_id, random_adapter(test_model_dir, seed=100 + j, std=0.05))
+    docs.append({"id": SWAP_DOC[0], "title": SWAP_DOC[1],
+                 "text": "Rewoldia foundries cast copper bells."})  # no word another test asks about
+    store.save(SWAP_DOC[0], random_adapter(test_model_dir, seed=200, std=0.05))
     weights = store.path("bad-bytes") / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF
@@ -83,7 +89,7 @@ def server(tmp_path_factory, test_model_dir):
         proc.kill()
         raise RuntimeError("server did not become healthy in 900 s")
     yield {"base": base, "store": store, "docs": {d["id"]: d for d in docs}, "log": root / "server.log",
-           "audit": audit, "root": root, "pid": proc.pid}
+           "audit": audit, "root": root, "pid": proc.pid, "model_dir": test_model_dir}
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)

@@ -94,3 +94,41 @@ def test_idle_spinning_is_shortened(monkeypatch, tmp_path):
         idle.busy_loop_seconds()
     monkeypatch.delenv("PRAG_VLLM_BUSY_LOOP_S")
     assert idle.busy_loop_seconds() == idle.DEFAULT_BUSY_LOOP_S
+
+
+def test_merge_manifest_loads_the_same_lora_model_as_the_merged_file(tiny_model_dir, tmp_path):
+    """vllm_plugin/merged.py: vLLM's loader given a manifest directory builds the LoRAModel
+    it builds from the merged tensors file (the server's path without the plugin)."""
+    from vllm.lora import lora_model
+
+    from prag_vllm.adapters import AdapterStore
+    from prag_vllm.merge import merge_adapters, write_merge_manifest
+    from prag_vllm.vllm_plugin import merged
+
+    store = AdapterStore(tmp_path / "store")
+    for i in range(3):
+        store.save(f"d{i}", random_adapter(tiny_model_dir, seed=20 + i, rank=2))
+    ads = [store.load(f"d{i}") for i in range(3)]
+    merge_adapters(ads, fold_scaling=True).save(tmp_path / "file", scratch=True)
+    write_merge_manifest(ads, tmp_path / "manifest", ["d0", "d1", "d2"])
+    merged.install()
+    want, got = _load(lora_model, tmp_path / "file"), _load(lora_model, tmp_path / "manifest")
+    assert set(got.loras) == set(want.loras) and len(want.loras) == 6
+    for name, w in want.loras.items():
+        g = got.loras[name]
+        assert g.rank == w.rank == 6 and g.scaling == w.scaling == 1.0
+        assert torch_equal(g.lora_a, w.lora_a) and torch_equal(g.lora_b, w.lora_b)
+    with pytest.raises(ValueError, match="expected target modules"):
+        lora_model.LoRAModel.from_local_checkpoint(
+            str(tmp_path / "manifest"), {"gate_proj", "up_proj"}, peft_helper=_helper(tmp_path / "manifest"),
+            lora_model_id=2, device="cpu", dtype=None)
+
+
+def _helper(path):
+    from vllm.lora.peft_helper import PEFTHelper
+
+    return PEFTHelper.from_local_dir(str(path), 512)
+
+
+def torch_equal(a, b) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.vllm
 
-from server_fixture import API_KEY, MODES, NO_ADAPTER, WORDS
+from server_fixture import API_KEY, MODES, NO_ADAPTER, SWAP_DOC, WORDS
 
 
 @pytest.fixture()
@@ -82,7 +82,7 @@ def test_adapter_is_the_exact_merge(client, server, vllm_engine, tmp_path):
     q = "Which town has the Uskor festival and the Fennick festival?"
     r = _ask(client, q, "parametric", max_tokens=16)
     info = r.model_extra["prag"]
-    assert len(info["parametric"]) >= 1
+    assert len(info["parametric"]) >= 1 and info["adapter"]["worker_merge"]  # built in vLLM's worker
     merged = merge_adapters([server["store"].load(d) for d in info["parametric"]])
     path = merged.save(tmp_path / "merged", dtype=next(iter(merged.weights.values()))[0].dtype)
     in_ctx = [Document(**server["docs"][d]) for d in info["in_context"]]
@@ -172,11 +172,8 @@ def test_metrics_count_requests_and_cache(client, server):
 def test_preloaded_document_adapters(server):
     """--preload-adapters 1: every usable document adapter is read at start (the bad ones are
     rejected there), and the gauge shows them in memory."""
-    usable = len(WORDS) - len(NO_ADAPTER)
-    deadline, line = time.time() + 60, None
-    while time.time() < deadline and line is None:
-        line = next((ln for ln in server["log"].read_text().splitlines() if "preloaded" in ln), None)
-        time.sleep(0.5)
+    usable = len(WORDS) - len(NO_ADAPTER) + 1  # + SWAP_DOC
+    line = _preload_line(server)
     assert line is not None and f"preloaded {usable} document adapters" in line, line
     text = httpx.get(server["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     gauge = next(float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith("prag_doc_adapters_in_memory "))
@@ -193,3 +190,34 @@ def test_ignore_eos_and_min_tokens_fix_the_length(client, mode):
     assert fixed.usage.completion_tokens == 40 and fixed.choices[0].finish_reason == "length"
     floor = _ask(client, q, mode, max_tokens=40, extra_body={"min_tokens": natural.usage.completion_tokens + 5})
     assert floor.usage.completion_tokens >= natural.usage.completion_tokens + 5
+
+
+def _preload_line(server) -> str | None:
+    deadline, line = time.time() + 60, None
+    while time.time() < deadline and line is None:
+        line = next((ln for ln in server["log"].read_text().splitlines() if "preloaded" in ln), None)
+        time.sleep(0.5)
+    return line
+
+
+def test_replaced_adapter_while_serving(client, server, vllm_engine, tmp_path):
+    """A document adapter trained again while the server runs: the server validated (preloaded)
+    the old file, vLLM's worker reads the new one for its first merge, refuses it (sha256),
+    and the server re-reads the document and answers with the new adapter; vLLM survives."""
+    from prag_vllm.merge import merge_adapters
+    from prag_vllm.modes import MODES as MODE_OBJS
+    from conftest import random_adapter
+
+    assert _preload_line(server) is not None  # the server holds the old adapter
+    doc_id, title = SWAP_DOC
+    store = server["store"]
+    store.save(doc_id, random_adapter(server["model_dir"], seed=201, std=0.05))
+    q = f"What is cast in {title}?"
+    r = _ask(client, q, "parametric", max_tokens=12, extra_body={"top_k": 1})
+    info = r.model_extra["prag"]
+    assert info["parametric"] == [doc_id] and info["adapter"]["cache_hit"] is False
+    assert "failed to load" in server["log"].read_text()
+    new = merge_adapters([store.load(doc_id)]).save(tmp_path / "new")
+    offline = vllm_engine.generate([MODE_OBJS["parametric"].messages(q, [])], [new], max_tokens=12)[0]
+    assert offline.text == r.choices[0].message.content
+    assert _ask(client, "Where is Lumeria?", "parametric").choices[0].message.content  # engine alive

@@ -1,0 +1,124 @@
+"""Merge manifests: the worker builds exactly the merged adapter the server would have written."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import random_adapter
+from prag_vllm.adapters import AdapterStore, LoraAdapter
+from prag_vllm.errors import AdapterError
+from prag_vllm.merge import MANIFEST_FILE, merge_adapters, merge_from_manifest, write_merge_manifest
+from prag_vllm.vllm_plugin.merged import PartCache, cache_bytes_from_env
+
+
+@pytest.fixture
+def store(tiny_model_dir, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    for i in range(3):
+        ad = random_adapter(tiny_model_dir, seed=10 + i, rank=2)
+        ad.weights = {m: (a.bfloat16(), b.bfloat16()) for m, (a, b) in ad.weights.items()}
+        store.save(f"d{i}", ad)
+    return store
+
+
+def _same(x: LoraAdapter, y: LoraAdapter) -> None:
+    assert x.r == y.r and x.scaling == y.scaling and set(x.weights) == set(y.weights)
+    for m, (a, b) in x.weights.items():
+        assert a.dtype == y.weights[m][0].dtype and torch.equal(a, y.weights[m][0]) and torch.equal(b, y.weights[m][1])
+
+
+def test_manifest_merges_to_the_file_the_server_writes(store, tmp_path):
+    ads = [store.load(f"d{i}") for i in range(3)]
+    nbytes = write_merge_manifest(ads, tmp_path / "m", ["d0", "d1", "d2"])
+    assert nbytes == sum(f.stat().st_size for f in (tmp_path / "m").iterdir())
+    assert not (tmp_path / "m" / "adapter_model.safetensors").exists()
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 6
+
+    cache = PartCache(64 << 20)
+    got = merge_from_manifest(tmp_path / "m", cache.load)
+    merge_adapters(ads, fold_scaling=True).save(tmp_path / "f", scratch=True)
+    _same(got, LoraAdapter.load(tmp_path / "f"))  # bit for bit what the file path gives vLLM
+    assert (cache.misses, cache.hits, cache.hashed) == (3, 0, 0)  # the files the server read: not hashed again
+    _same(merge_from_manifest(tmp_path / "m", cache.load), got)
+    assert cache.hits == 3 and len(cache) == 3
+
+
+def test_replaced_document_adapter_is_hashed_and_refused_if_different(store, tiny_model_dir, tmp_path):
+    ads = [store.load(f"d{i}") for i in range(2)]
+    write_merge_manifest(ads, tmp_path / "m", ["d0", "d1"])
+    # same bytes in a new file (a copy renamed into place): hashed, accepted
+    w = store.path("d0") / "adapter_model.safetensors"
+    shutil.copyfile(w, tmp_path / "copy")
+    os.replace(tmp_path / "copy", w)
+    cache = PartCache(64 << 20)
+    merge_from_manifest(tmp_path / "m", cache.load)
+    assert cache.hashed == 1
+    # different bytes (the document was trained again): refused, nothing cached for it
+    store.save("d1", random_adapter(tiny_model_dir, seed=99, rank=2))
+    cache = PartCache(64 << 20)
+    with pytest.raises(AdapterError, match="changed after the server validated it"):
+        merge_from_manifest(tmp_path / "m", cache.load)
+    assert len(cache) == 1
+
+
+def test_bad_manifests_are_clear_errors(store, tmp_path):
+    write_merge_manifest([store.load("d0")], tmp_path / "m", ["d0"])
+    path = tmp_path / "m" / MANIFEST_FILE
+    good = json.loads(path.read_text())
+    for bad, match in (({**good, "format": "other/9"}, "format"), ({**good, "r": 5}, "add up"),
+                       ({**good, "parts": [{"path": "x"}]}, "unreadable merge manifest")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(AdapterError, match=match):
+            merge_from_manifest(tmp_path / "m", PartCache(1 << 20).load)
+    with pytest.raises(AdapterError, match="read from files"):
+        write_merge_manifest([random_adapter_of(store)], tmp_path / "n", ["x"])
+
+
+def random_adapter_of(store) -> LoraAdapter:
+    ad = store.load("d0")
+    return LoraAdapter(r=ad.r, alpha=ad.alpha, weights=ad.weights)
+
+
+def test_part_cache_is_bounded_and_its_setting_checked(store, monkeypatch):
+    sources = [store.load(f"d{i}").source for i in range(3)]
+    one = sources[0].size
+    cache = PartCache(2 * one)
+    for s in sources:
+        cache.load(s, 2, 32.0)
+    assert len(cache) == 2 and cache.nbytes == 2 * one
+    monkeypatch.setenv("PRAG_WORKER_ADAPTER_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="PRAG_WORKER_ADAPTER_CACHE_MB"):
+        cache_bytes_from_env()
+
+
+def test_server_lru_writes_manifests_and_drops_entries_vllm_cannot_load(store, tiny_model_dir, tmp_path):
+    from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
+    from transformers import AutoConfig
+
+    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), 8)
+    loaded, fail = [], [True]
+
+    async def load(entry):
+        if fail[0]:
+            raise RuntimeError("vLLM could not load it")
+        loaded.append(entry.lora_id)
+
+    lru = MergedAdapterLRU(docs, tmp_path / "merged", 8, 1 << 30, worker_merge=True, load=load)
+
+    async def run():
+        with pytest.raises(RuntimeError):
+            await lru.acquire(["d0", "d1"])
+        assert lru.size == 0 and not list((tmp_path / "merged").iterdir())  # nothing half-made left behind
+        fail[0] = False
+        return await lru.acquire(["d0", "d1"])
+
+    entry, _, hit = asyncio.run(run())
+    assert not hit and loaded == [entry.lora_id] and (entry.path / MANIFEST_FILE).is_file()
+    assert entry.rank == 4 and entry.load_seconds > 0
