@@ -80,7 +80,8 @@ def render(result: dict) -> str:
     lines = ["# Adapter ready: merged in the server vs in vLLM's worker", "",
              f"`python {m['command']}`  ", f"{m['date']}, {m['machine']}, commit {result['commit']}; "
              f"{result['model']} {result['dtype']}, {result['questions']} questions, top-{result['top_k']}, "
-             f"max_loras {result['max_loras']}, one request at a time, 1-token answers.", "",
+             f"max_loras {result['max_loras']}, one request at a time, 1-token answers"
+             f"{'; server environment ' + ' '.join(result['server_env']) if result.get('server_env') else ''}.", "",
              "| config | cold ready p50 | p95 | read p50 | merge p50 | vLLM load p50 | cold p50 by quarter | "
              "cached p50 |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for name, r in result["configs"].items():
@@ -115,6 +116,8 @@ def main() -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--max-loras", type=int, default=100)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment variable for every server started (repeatable)")
     ap.add_argument("--work", default="runs/adapter_ready")
     ap.add_argument("--out", default="docs/adapter_ready")
     args = ap.parse_args()
@@ -123,13 +126,19 @@ def main() -> int:
     from prag_vllm.fileio import atomic_write_json, atomic_write_text
     from prag_vllm.models import resolve_model
 
+    env = dict(os.environ)
+    for item in args.server_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--server-env wants KEY=VALUE, got {item!r}")
+        env[key] = value
     unknown = sorted(set(args.configs.split(",")) - set(CONFIGS))
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
     model_path = Path(resolve_model(args.model))
     work = Path(args.work)
     questions, counts = prepare(args, model_path, work)
-    result = {"meta": run_metadata(), "commit": _commit(), "model": model_path.name,
+    result = {"meta": run_metadata(), "commit": _commit(), "server_env": args.server_env, "model": model_path.name,
               "dtype": args.dtype, "top_k": args.top_k, "max_loras": args.max_loras, **counts, "configs": {}}
     out = Path(args.out)
     for name in args.configs.split(","):
@@ -141,7 +150,7 @@ def main() -> int:
         extra = ["--max-cpu-loras", str(max(args.max_loras, 2 * args.questions)), "--max-top-k", "8",
                  "--enable-prefix-caching", "0", *CONFIGS[name]]
         proc, base = start_server(server_args, work / "corpus.jsonl", Path(args.store), run_dir, extra=extra,
-                                  env=dict(os.environ))
+                                  env=env)
         try:
             result["configs"][name] = asyncio.run(measure(base, questions, args.top_k, "preload" in name))
         finally:

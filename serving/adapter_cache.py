@@ -54,12 +54,19 @@ def check_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, int]], max_ran
                                f"({adapter.r}x{fan_in} / {fan_out}x{adapter.r})")
 
 
+RECORD_BYTES = 2048
+"""What a validated adapter without its tensors is counted as (``keep_tensors=False``)."""
+
+
 class DocAdapterCache:
     """Validated per-document adapters, LRU in memory; thread-safe."""
 
     def __init__(self, store: AdapterStore, shapes: dict[str, tuple[int, int]], max_rank: int,
-                 max_bytes: int = 512 << 20, model_id: str | None = None):
+                 max_bytes: int = 512 << 20, model_id: str | None = None, *, keep_tensors: bool = True):
         self.store = store
+        self.keep_tensors = keep_tensors
+        """False (vLLM's worker merges from manifests): keep only what a manifest needs (rank,
+        alpha, the validated file's identity), so the bound holds far more documents."""
         self.shapes = shapes
         self.max_rank = max_rank
         self.model_id = model_id
@@ -98,7 +105,10 @@ class DocAdapterCache:
             with self._lock:
                 self.rejected[doc_id] = str(exc)
             return None
-        nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
+        if self.keep_tensors:
+            nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
+        else:
+            adapter.weights, nbytes = {}, RECORD_BYTES
         with self._lock:
             if doc_id in self._items:  # another thread read it meanwhile
                 return self._items[doc_id][0]

@@ -81,7 +81,8 @@ class ServerConfig:
     adapters itself, from ones it keeps in memory (needs this project's vLLM plugin; off
     when ``PRAG_STOCK_LORA_OPS=1``). 0: the server writes the merged tensors."""
     doc_cache_max_bytes: int = 512 << 20
-    """Bytes of validated per-document adapters kept in memory (LRU)."""
+    """Bytes of validated per-document adapters kept in memory (LRU). With ``worker_merge``
+    the server keeps no tensors (vLLM's worker does), only a ~2 KiB record per document."""
     cache_max_entries: int = 256
     """Merged adapters kept on disk (LRU)."""
     cache_max_bytes: int = 1 << 30

@@ -92,15 +92,17 @@ class Server:
         def unload(entry) -> None:
             loop.create_task(self.engine.unload_adapter(entry.lora_id))
 
+        worker_merge = bool(cfg.worker_merge) and self.engine.plugin_active
         docs = DocAdapterCache(self.store, expected_shapes(AutoConfig.from_pretrained(self.model_path)),
-                               cfg.max_lora_rank, max_bytes=cfg.doc_cache_max_bytes, model_id=self.model_id)
+                               cfg.max_lora_rank, max_bytes=cfg.doc_cache_max_bytes, model_id=self.model_id,
+                               keep_tensors=not worker_merge)
         if cfg.preload_adapters and cfg.enable_lora:
             docs.preload(self.adapter_doc_ids, background=True)
         async def load(entry) -> None:
             await self.engine.load_adapter(entry.lora_name, entry.lora_id, entry.path)
 
         merged = MergedAdapterLRU(docs, self.cache_root, cfg.cache_max_entries, cfg.cache_max_bytes, on_evict=unload,
-                                  worker_merge=bool(cfg.worker_merge) and self.engine.plugin_active, load=load)
+                                  worker_merge=worker_merge, load=load)
         metrics = ServerMetrics()
         metrics.doc_adapters.set_function(docs.__len__)
         return RAGService(self.retriever, docs, merged, self.engine, AutoTokenizer.from_pretrained(self.model_path),

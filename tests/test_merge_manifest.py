@@ -102,7 +102,7 @@ def test_server_lru_writes_manifests_and_drops_entries_vllm_cannot_load(store, t
     from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
     from transformers import AutoConfig
 
-    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), 8)
+    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), 8, keep_tensors=False)
     loaded, fail = [], [True]
 
     async def load(entry):
@@ -122,3 +122,6 @@ def test_server_lru_writes_manifests_and_drops_entries_vllm_cannot_load(store, t
     entry, _, hit = asyncio.run(run())
     assert not hit and loaded == [entry.lora_id] and (entry.path / MANIFEST_FILE).is_file()
     assert entry.rank == 4 and entry.load_seconds > 0
+    assert len(docs) == 2 and docs.nbytes < 8192 and docs.get("d0").weights == {}  # validated, tensors not kept
+    _same(merge_from_manifest(entry.path, PartCache(64 << 20).load),
+          merge_adapters([store.load("d0"), store.load("d1")], fold_scaling=True))
