@@ -297,6 +297,12 @@ class MergedAdapterLRU:
         nbytes = sum(f.stat().st_size for f in path.iterdir())
         return merged.r, nbytes
 
+    def invalidate(self, entry: MergedEntry) -> None:
+        """Stop serving ``entry`` (vLLM could not reload it): the next request for its documents merges anew."""
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+            shutil.rmtree(entry.path, ignore_errors=True)
+
     def _evict(self) -> None:
         while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
             victim = next((e for e in self._entries.values() if e.refs <= 0 and e.pending is None), None)

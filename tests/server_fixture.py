@@ -2,7 +2,8 @@
 
 Its corpus: 20 invented documents, 16 with a random adapter (``NO_ADAPTER`` have none), plus
 two whose adapters are unusable (``BAD_ADAPTERS``: a flipped byte, another base model) and
-one (``SWAP_DOC``) whose adapter a test replaces while the server runs.
+two (``SWAP_DOC``, ``EVICT_DOC``) whose adapters tests replace while the server runs. vLLM's
+worker keeps 1 MiB of document adapters (about one here), so it reads files often.
 With ``PRAG_AUDIT_FILES`` set, the server logs every file it opens (Python audit hook).
 """
 
@@ -29,6 +30,8 @@ MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
 BAD_ADAPTERS = {"bad-bytes": "Corruptia", "bad-model": "Wrongmodelia"}
 SWAP_DOC = ("doc-swap", "Rewoldia")
 """A document with a good adapter that only test_replaced_adapter_while_serving asks about."""
+EVICT_DOC = ("doc-evict", "Quillmarsh")
+"""The same for test_adapter_replaced_after_vllm_dropped_it."""
 
 
 def _free_port() -> int:
@@ -56,6 +59,8 @@ def server(tmp_path_factory, test_model_dir):
     docs.append({"id": SWAP_DOC[0], "title": SWAP_DOC[1],
                  "text": "Rewoldia foundries cast copper bells."})  # no word another test asks about
     store.save(SWAP_DOC[0], random_adapter(test_model_dir, seed=200, std=0.05))
+    docs.append({"id": EVICT_DOC[0], "title": EVICT_DOC[1], "text": "Quillmarsh kilns fire blue tiles."})
+    store.save(EVICT_DOC[0], random_adapter(test_model_dir, seed=202, std=0.05))
     weights = store.path("bad-bytes") / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-3] ^= 0xFF
@@ -73,7 +78,8 @@ def server(tmp_path_factory, test_model_dir):
            "--preload-adapters", "1"]
     audit = root / "files.log"
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", PRAG_AUDIT_FILES=str(audit)))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", PRAG_AUDIT_FILES=str(audit),
+                                     PRAG_WORKER_ADAPTER_CACHE_MB="1"))
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900  # first start compiles the model (torch.compile), minutes on a busy 2-core machine
     while time.time() < deadline:

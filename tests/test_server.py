@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.vllm
 
-from server_fixture import API_KEY, MODES, NO_ADAPTER, SWAP_DOC, WORDS
+from server_fixture import API_KEY, EVICT_DOC, MODES, NO_ADAPTER, SWAP_DOC, WORDS
 
 
 @pytest.fixture()
@@ -172,7 +172,7 @@ def test_metrics_count_requests_and_cache(client, server):
 def test_preloaded_document_adapters(server):
     """--preload-adapters 1: every usable document adapter is read at start (the bad ones are
     rejected there), and the gauge shows them in memory."""
-    usable = len(WORDS) - len(NO_ADAPTER) + 1  # + SWAP_DOC
+    usable = len(WORDS) - len(NO_ADAPTER) + 2  # + SWAP_DOC, EVICT_DOC
     line = _preload_line(server)
     assert line is not None and f"preloaded {usable} document adapters" in line, line
     text = httpx.get(server["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
@@ -217,6 +217,34 @@ def test_replaced_adapter_while_serving(client, server, vllm_engine, tmp_path):
     info = r.model_extra["prag"]
     assert info["parametric"] == [doc_id] and info["adapter"]["cache_hit"] is False
     assert "failed to load" in server["log"].read_text()
+    new = merge_adapters([store.load(doc_id)]).save(tmp_path / "new")
+    offline = vllm_engine.generate([MODE_OBJS["parametric"].messages(q, [])], [new], max_tokens=12)[0]
+    assert offline.text == r.choices[0].message.content
+    assert _ask(client, "Where is Lumeria?", "parametric").choices[0].message.content  # engine alive
+
+
+def test_adapter_replaced_after_vllm_dropped_it(client, server, vllm_engine, tmp_path):
+    """The server still caches a merged adapter that vLLM's own LRU (8 adapters here) has
+    dropped, and its document's adapter is then replaced: the server has vLLM load it again
+    before the request runs, sees it refused, and merges the new one; vLLM survives."""
+    from prag_vllm.merge import merge_adapters
+    from prag_vllm.modes import MODES as MODE_OBJS
+    from conftest import random_adapter
+
+    doc_id, title = EVICT_DOC
+    q = f"What do the {title} kilns fire?"
+    first = _ask(client, q, "parametric", max_tokens=12, extra_body={"top_k": 1}).model_extra["prag"]
+    assert first["parametric"] == [doc_id]
+    for i in range(0, 18, 2):  # nine other merged adapters: vLLM drops the first one
+        _ask(client, f"What links {WORDS[i]} and {WORDS[i + 1]}?", "parametric", max_tokens=2,
+             extra_body={"top_k": 2})
+    store = server["store"]
+    store.save(doc_id, random_adapter(server["model_dir"], seed=203, std=0.05))
+    log_before = server["log"].read_text().count("failed to load")
+    r = _ask(client, q, "parametric", max_tokens=12, extra_body={"top_k": 1})
+    info = r.model_extra["prag"]
+    assert info["parametric"] == [doc_id] and info["adapter"]["cache_hit"] is False
+    assert server["log"].read_text().count("failed to load") == log_before + 1
     new = merge_adapters([store.load(doc_id)]).save(tmp_path / "new")
     offline = vllm_engine.generate([MODE_OBJS["parametric"].messages(q, [])], [new], max_tokens=12)[0]
     assert offline.text == r.choices[0].message.content
