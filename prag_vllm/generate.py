@@ -85,7 +85,11 @@ class EngineConfig:
     """Further keyword arguments for ``vllm.LLM``."""
 
     def apply_env(self) -> None:
-        """Environment vLLM reads at engine start (set before it spawns its processes)."""
+        """Environment vLLM reads at engine start (set before it spawns its processes); the
+        plugin's own settings are checked here, before vLLM starts."""
+        from prag_vllm.vllm_plugin import settings
+
+        settings.check()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if self.cpu_reserved_cores is not None:

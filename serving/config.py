@@ -122,6 +122,9 @@ class ServerConfig:
             raise InputError("es_user needs its password in $PRAG_ES_PASSWORD")
         if self.api_key is None:
             self.api_key = os.environ.get("PRAG_API_KEY") or None
+        from prag_vllm.vllm_plugin import settings
+
+        settings.check()  # PRAG_* numbers vLLM's processes read: one clear error now, not a traceback later
         return self
 
 

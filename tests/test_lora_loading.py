@@ -132,3 +132,20 @@ def _helper(path):
 
 def torch_equal(a, b) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and bool((a == b).all())
+
+
+@pytest.mark.parametrize("name", ["PRAG_F32_CACHE_MB", "PRAG_WORKER_ADAPTER_CACHE_MB", "PRAG_VLLM_BUSY_LOOP_S"])
+def test_plugin_settings_are_checked_before_vllm_starts(monkeypatch, name):
+    """A bad PRAG_* number is one clear error where the engine is configured, not a traceback in vLLM's worker."""
+    from prag_vllm.errors import InputError
+    from prag_vllm.generate import EngineConfig
+    from serving.config import ServerConfig
+
+    for value in ("lots", "-1", "nan"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(InputError, match=name):
+            ServerConfig().validate()
+        with pytest.raises(InputError, match=name):
+            EngineConfig(model="m").apply_env()
+    monkeypatch.setenv(name, "0")
+    ServerConfig().validate()

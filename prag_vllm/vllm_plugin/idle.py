@@ -16,25 +16,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
+
+from prag_vllm.vllm_plugin import settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BUSY_LOOP_S = 0.002
+DEFAULT_BUSY_LOOP_S = settings.BUSY_LOOP_S.default
 
 
 def busy_loop_seconds() -> float:
     """The reader's spin window (``PRAG_VLLM_BUSY_LOOP_S``; vLLM's own value is 1)."""
-    raw = os.environ.get("PRAG_VLLM_BUSY_LOOP_S")
-    if raw is None:
-        return DEFAULT_BUSY_LOOP_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"PRAG_VLLM_BUSY_LOOP_S must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"PRAG_VLLM_BUSY_LOOP_S must be >= 0, got {raw!r}")
-    return value
+    return settings.BUSY_LOOP_S.get()
 
 
 def install() -> None:

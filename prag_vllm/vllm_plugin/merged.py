@@ -26,22 +26,13 @@ from collections import OrderedDict
 from prag_vllm.adapters import LoraAdapter, WeightsSource, read_weights
 from prag_vllm.errors import AdapterError
 from prag_vllm.merge import MANIFEST_FILE, merge_from_manifest
+from prag_vllm.vllm_plugin import settings
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "PRAG_WORKER_ADAPTER_CACHE_MB"
-DEFAULT_CACHE_MB = 256
-
-
 def cache_bytes_from_env() -> int:
-    raw = os.environ.get(CACHE_ENV, str(DEFAULT_CACHE_MB))
-    try:
-        mb = float(raw)
-    except ValueError:
-        mb = -1.0
-    if mb < 0:
-        raise ValueError(f"{CACHE_ENV} must be a number of MiB >= 0, got {raw!r}")
-    return int(mb * 2**20)
+    """``PRAG_WORKER_ADAPTER_CACHE_MB`` in bytes."""
+    return int(settings.WORKER_ADAPTER_CACHE_MB.get() * 2**20)
 
 
 class PartCache:

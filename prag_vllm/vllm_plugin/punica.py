@@ -21,12 +21,13 @@ the last slot's adapter.
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
+
+from prag_vllm.vllm_plugin import settings
 
 MAX_RUNS = 4
 """Up to this many adapter runs in a step, each run is computed on its own slice."""
@@ -73,7 +74,7 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
     return StepPlan("gather", rows=rows, slots=indices.index_select(0, rows).long())
 
 
-F32_CACHE_BYTES = int(float(os.environ.get("PRAG_F32_CACHE_MB", "256")) * (1 << 20))
+F32_CACHE_BYTES = int(settings.F32_CACHE_MB.get() * (1 << 20))
 """Bound of the float32 copies of slot weights kept for decode runs (LRU; ``PRAG_F32_CACHE_MB``)."""
 _F32: OrderedDict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = OrderedDict()
 _f32_bytes = 0
