@@ -200,8 +200,9 @@ class MergedAdapterLRU:
                  load: Callable[[MergedEntry], Awaitable[None]] | None = None):
         self.docs = docs
         self.load = load
-        """Loads a new entry into vLLM before anyone uses it; if it fails, the entry is
-        dropped and every request waiting for it gets the error."""
+        """Loads a new entry into vLLM before anyone uses it, and a cached manifest again
+        when it is acquired; if it fails, the entry is dropped and every request waiting
+        for it gets the error."""
         self.worker_merge = worker_merge
         """Write merge manifests (vLLM's worker merges, with this project's plugin) instead of tensors."""
         self.root = Path(root)
@@ -254,6 +255,8 @@ class MergedAdapterLRU:
             self._entries.move_to_end(entry.key)
             entry.refs += 1
             self.hits += 1
+            if entry.manifest and self.load is not None:
+                await self._reload(entry)
             return entry, left_out, True
         self.misses += 1
         key = merged_key(ids)
@@ -297,11 +300,19 @@ class MergedAdapterLRU:
         nbytes = sum(f.stat().st_size for f in path.iterdir())
         return merged.r, nbytes
 
-    def invalidate(self, entry: MergedEntry) -> None:
-        """Stop serving ``entry`` (vLLM could not reload it): the next request for its documents merges anew."""
-        if self._entries.get(entry.key) is entry:
-            del self._entries[entry.key]
-            shutil.rmtree(entry.path, ignore_errors=True)
+    async def _reload(self, entry: MergedEntry) -> None:
+        """Load a cached manifest again (pinned by the caller): a no-op while vLLM still holds
+        it; if vLLM's own LRU dropped it, the worker rebuilds it from the document files now,
+        so a failure is this request's error and not one inside vLLM's engine step. On
+        failure the entry is unpinned and dropped: the next request merges anew."""
+        try:
+            await self.load(entry)
+        except BaseException:
+            self.release(entry)
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+                shutil.rmtree(entry.path, ignore_errors=True)
+            raise
 
     def _evict(self) -> None:
         while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:

@@ -131,30 +131,15 @@ class RAGService:
         return chosen, rejected
 
     async def _acquire(self, doc_ids: list[str]):
-        """The merged adapter of ``doc_ids``, loaded in vLLM. If vLLM cannot load it (a
-        document adapter was replaced since it was validated), the documents are read and
-        validated again and the merge retried once."""
+        """The merged adapter of ``doc_ids``, loaded in vLLM (the LRU loads new entries and
+        cached manifests). If vLLM cannot load it (a document adapter was replaced since it
+        was validated), the documents are read and validated again and the merge retried once."""
         try:
-            return await self._acquire_loaded(doc_ids)
+            return await self.merged.acquire(doc_ids)
         except Exception as exc:
             logger.warning("merged adapter of %s failed to load (%s); reading its documents again", doc_ids, exc)
             self.docs.forget(doc_ids)
-            return await self._acquire_loaded(doc_ids)
-
-    async def _acquire_loaded(self, doc_ids: list[str]):
-        """:meth:`MergedAdapterLRU.acquire` (it loads new entries); a cached manifest is loaded
-        again: a no-op while vLLM still holds it, and if vLLM's own LRU dropped it, the worker
-        rebuilds it from the document files here, where a failure is this request's error
-        and not one inside vLLM's engine step."""
-        entry, left_out, hit = await self.merged.acquire(doc_ids)
-        if entry is not None and hit and entry.manifest:
-            try:
-                await self.engine.load_adapter(entry.lora_name, entry.lora_id, entry.path)
-            except BaseException:
-                self.merged.release(entry)
-                self.merged.invalidate(entry)
-                raise
-        return entry, left_out, hit
+            return await self.merged.acquire(doc_ids)
 
     async def plan(self, question: str, mode: Mode, k: int) -> Plan:
         plan = Plan(mode=mode, k=k)

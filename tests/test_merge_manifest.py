@@ -125,3 +125,15 @@ def test_server_lru_writes_manifests_and_drops_entries_vllm_cannot_load(store, t
     assert len(docs) == 2 and docs.nbytes < 8192 and docs.get("d0").weights == {}  # validated, tensors not kept
     _same(merge_from_manifest(entry.path, PartCache(64 << 20).load),
           merge_adapters([store.load("d0"), store.load("d1")], fold_scaling=True))
+    lru.release(entry)
+
+    async def again():  # a cached manifest is loaded again; if that fails, the entry is dropped
+        e, _, hit = await lru.acquire(["d1", "d0"])
+        assert hit and e is entry and loaded == [entry.lora_id] * 2
+        lru.release(e)
+        fail[0] = True
+        with pytest.raises(RuntimeError):
+            await lru.acquire(["d0", "d1"])
+        assert lru.size == 0 and entry.refs == 0 and not entry.path.exists()
+
+    asyncio.run(again())

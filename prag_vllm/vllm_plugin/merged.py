@@ -23,7 +23,7 @@ import os
 import threading
 from collections import OrderedDict
 
-from prag_vllm.adapters import LoraAdapter, WeightsSource, read_weights
+from prag_vllm.adapters import WEIGHTS_FILE, LoraAdapter, WeightsSource, read_weights
 from prag_vllm.errors import AdapterError
 from prag_vllm.merge import MANIFEST_FILE, merge_from_manifest
 from prag_vllm.vllm_plugin import settings
@@ -88,7 +88,7 @@ def part_cache() -> PartCache:
 
 def has_manifest(lora_dir: str) -> bool:
     return os.path.isfile(os.path.join(lora_dir, MANIFEST_FILE)) and not os.path.isfile(
-        os.path.join(lora_dir, "adapter_model.safetensors"))
+        os.path.join(lora_dir, WEIGHTS_FILE))
 
 
 def manifest_tensors(lora_dir: str, expected_lora_modules) -> dict:
