@@ -12,7 +12,9 @@ shared HotpotQA sample, its paragraphs as the closed corpus, BM25 top-3), the re
 Against each, through the official ``openai`` client:
 
 1. per-question latency, one request at a time, every mode (cold: each question's
-   documents are merged and loaded when it is asked);
+   documents are merged and loaded when it is first asked in parametric mode); by default
+   the modes of one question are asked in turn before the next question (``--order
+   interleaved``), so that a shared machine's drift hits every mode alike;
 2. batch throughput: all questions sent at once per mode (parametric: a distinct merged
    adapter per question, already merged by step 1);
 3. document ids -> adapter ready: cold (from step 1) and cached (the same sets again).
@@ -123,18 +125,24 @@ async def measure(base: str, questions: list[str], modes: list[str], args, lora:
     out: dict = {"latency": {}, "batch": {}}
     phases = {"cold": "ready_ms", "cold read": "read_ms", "cold merge": "merge_ms", "cold vLLM load": "vllm_load_ms"}
     ready: dict[str, list[float]] = {k: [] for k in [*phases, "cached"]}
-    for mode in modes:  # 1. one request at a time
-        lat, prompt = [], []
-        for q in questions:
-            r, dt = await ask(q, mode, args.max_tokens)
-            lat.append(dt)
-            prompt.append(r.usage.prompt_tokens)
-            ad = (r.model_extra or {}).get("prag", {}).get("adapter")
-            if ad and not ad["cache_hit"]:
-                for kind, key in phases.items():
-                    ready[kind].append(ad[key])
-        out["latency"][mode] = {"n": len(lat), "mean_s": statistics.mean(lat), "p50_s": pct(lat, 0.5),
-                                "p95_s": pct(lat, 0.95), "prompt_tokens": statistics.mean(prompt), "each_s": lat}
+    lat: dict[str, list[float]] = {m: [] for m in modes}
+    prompt: dict[str, list[int]] = {m: [] for m in modes}
+    # 1. one request at a time: every mode of a question before the next question
+    # (``interleaved``: drift of a shared machine hits all modes alike), or mode by mode
+    order = [(q, m) for q in questions for m in modes] if args.order == "interleaved" else \
+        [(q, m) for m in modes for q in questions]
+    for q, mode in order:
+        r, dt = await ask(q, mode, args.max_tokens)
+        lat[mode].append(dt)
+        prompt[mode].append(r.usage.prompt_tokens)
+        ad = (r.model_extra or {}).get("prag", {}).get("adapter")
+        if ad and not ad["cache_hit"]:
+            for kind, key in phases.items():
+                ready[kind].append(ad[key])
+    for mode in modes:
+        ls = lat[mode]
+        out["latency"][mode] = {"n": len(ls), "mean_s": statistics.mean(ls), "p50_s": pct(ls, 0.5),
+                                "p95_s": pct(ls, 0.95), "prompt_tokens": statistics.mean(prompt[mode]), "each_s": ls}
         print(f"  1x {mode}: mean {out['latency'][mode]['mean_s']:.3f} s", flush=True)
     if lora:  # 3. the same document sets again: cached
         for q in questions:
@@ -172,6 +180,8 @@ def main() -> int:
                          "the comparison uses the same first questions of the other servers")
     ap.add_argument("--stock-modes", default=",".join(MODES),
                     help="modes run against the stock-ops server")
+    ap.add_argument("--order", choices=["interleaved", "by-mode"], default="interleaved",
+                    help="step 1: every mode of a question in turn (default), or all questions mode by mode")
     ap.add_argument("--work", default="runs/table4/work")
     ap.add_argument("--out", default="docs/table4")
     args = ap.parse_args()
@@ -183,7 +193,7 @@ def main() -> int:
     work = Path(args.work)
     questions, counts = prepare(args, model_path, work)
     result = {"meta": run_metadata(), "model": model_path.name, "dtype": args.dtype, "data": str(args.data),
-              "max_tokens": args.max_tokens, "max_loras": args.max_loras, "prefix_caching": False,
+              "max_tokens": args.max_tokens, "max_loras": args.max_loras, "prefix_caching": False, "order": args.order,
               "stock_questions": min(args.stock_questions, args.questions), **counts, "configs": {}}
     print(json.dumps(counts))
     for name in args.configs.split(","):

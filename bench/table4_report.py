@@ -67,7 +67,10 @@ def render(result: dict) -> str:
              f"{result['max_tokens']} tokens (ignore_eos). max_loras {result['max_loras']}. vLLM prefix cache: "
              f"{'off' if result.get('prefix_caching') is False else 'on'}. Server: this project's CPU LoRA ops "
              f"(vLLM's stock ops: the comparison below).", "",
-             "## Per-question latency, one request at a time (the paper's Table 4 shape)", ""]
+             "## Per-question latency, one request at a time (the paper's Table 4 shape)", "",
+             *([{"interleaved": "Each question is asked in every mode in turn before the next question.",
+                 "by-mode": "All questions in one mode, then the next mode."}[result["order"]], ""]
+               if result.get("order") else [])]
     lines += ["| mode | prompt tokens | mean s | p50 s | p95 s | speed-up vs standard |", "|---|---:|---:|---:|---:|---:|"]
     main, ceiling = result["configs"][configs[0]], result["configs"].get("no-lora", {})
     modes = list(main["latency"])

@@ -123,8 +123,33 @@ def test_float32_slot_copies_follow_writes_to_the_slots():
 
 
 def test_float32_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(punica, "F32_CACHE_BYTES", 3 * R * IN * 4)
+    per_slot = 4 * R * (len(OUTS) * IN + sum(OUTS))  # float32 A and B of every slice
+    monkeypatch.setattr(punica, "F32_CACHE_BYTES", 3 * per_slot)
     a, b = weights(torch.bfloat16, seed=5)
     for slot in range(SLOTS):
-        punica._weights(a[0], slot, torch.float32)
+        punica._fused_f32(a, b, slot)
     assert punica._f32_bytes <= punica.F32_CACHE_BYTES and len(punica._F32) <= 3
+    assert [(id(a[0]), s) in punica._F32 for s in range(SLOTS)] == [False, True, True, True]
+
+
+@pytest.mark.parametrize("outs", [(24, 24), (24, 8, 8), (16,)], ids=["equal-slices", "unequal-slices", "one-slice"])
+@pytest.mark.parametrize("n", [1, 3])
+def test_small_runs_fused_float32(outs, n):
+    """Decode-sized runs use one shrink for all slices and one batched expand (or one
+    expand per slice when widths differ), in float32, bit-close to the plain per-slice math."""
+    g = torch.Generator().manual_seed(7)
+    a = tuple(torch.randn(SLOTS, 1, R, IN, generator=g).to(torch.bfloat16) for _ in outs)
+    b = tuple(torch.randn(SLOTS, 1, o, R, generator=g).to(torch.bfloat16) for o in outs)
+    x = torch.randn(n + 2, IN, generator=g).to(torch.bfloat16)
+    y = torch.randn(n + 2, sum(outs), generator=g).to(torch.bfloat16)
+    slots = torch.tensor([-1] + [2] * n + [-1])
+    plan = punica.make_plan(slots)
+    assert plan.kind == "runs" and plan.runs == [(2, 1, 1 + n)]
+    out = y.clone()
+    punica.apply_plan(plan, out, x, a, b, SCALE, outs)
+    want, offset = y.float().clone(), 0
+    for ai, bi, size in zip(a, b, outs):
+        want[1:1 + n, offset:offset + size] += (x[1:1 + n].float() @ ai[2, 0].float().T * SCALE) @ bi[2, 0].float().T
+        offset += size
+    torch.testing.assert_close(out.float(), want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    assert torch.equal(out[0], y[0]) and torch.equal(out[-1], y[-1])  # rows without an adapter untouched

@@ -76,36 +76,67 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
 
 F32_CACHE_BYTES = int(settings.F32_CACHE_MB.get() * (1 << 20))
 """Bound of the float32 copies of slot weights kept for decode runs (LRU; ``PRAG_F32_CACHE_MB``)."""
-_F32: OrderedDict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = OrderedDict()
+_F32: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+"""(layer's first stacked tensor id, slot) -> (weakref to it, versions, A, B, bytes)."""
 _f32_bytes = 0
 
 
-def _weights(stacked: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
-    """The slot's weights in ``dtype``. float32 copies of bf16 slots are cached, keyed by the
-    stacked tensor and slot and checked against the tensor's version counter (any write to
-    the slots, e.g. vLLM activating another adapter, bumps it), so a decode step does not
-    convert every slot's weights again."""
+def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:
+    return stacked[slot, 0] if stacked.dim() == 4 else stacked[slot]
+
+
+def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
+               slot: int) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+    """One slot's weights of one layer in float32, fused for a decode run: ``A`` is every
+    slice's A stacked (``slices*rank x in``: one shrink matmul for all slices) and ``B`` the
+    slices' B transposed and stacked (``slices x rank x out``: one batched expand), or a list
+    of ``rank x out_i`` when the slices differ in width.
+
+    Cached (LRU, ``F32_CACHE_BYTES``), keyed by the layer's first stacked tensor and the slot
+    and checked against every stacked tensor's version counter: any write to the slots (vLLM
+    activating another adapter) bumps it, so a decode step neither converts nor re-fuses
+    weights that did not change."""
     global _f32_bytes
-    w = stacked[slot, 0] if stacked.dim() == 4 else stacked[slot]
-    if w.dtype == dtype:
-        return w
-    if dtype != torch.float32:
-        return w.to(dtype)
-    key = (id(stacked), slot)
+    key = (id(lora_a[0]), slot)
+    versions = tuple(t._version for t in lora_a) + tuple(t._version for t in lora_b)
     hit = _F32.get(key)
-    if hit is not None and hit[0]() is stacked and hit[1] == stacked._version:
+    if hit is not None and hit[0]() is lora_a[0] and hit[1] == versions:
         _F32.move_to_end(key)
-        return hit[2]
-    w32 = w.to(dtype)
+        return hit[2], hit[3]
+    a = torch.cat([_slot(t, slot) for t in lora_a]).float()
+    bs = [_slot(t, slot).t().float() for t in lora_b]
+    b = torch.stack(bs) if len({x.shape for x in bs}) == 1 else [x.contiguous() for x in bs]
+    nbytes = 4 * (a.numel() + sum(x.numel() for x in bs))
     if hit is not None:
-        _f32_bytes -= hit[2].numel() * 4
-    _F32[key] = (weakref.ref(stacked), stacked._version, w32)
+        _f32_bytes -= hit[4]
+    _F32[key] = (weakref.ref(lora_a[0]), versions, a, b, nbytes)
     _F32.move_to_end(key)
-    _f32_bytes += w32.numel() * 4
+    _f32_bytes += nbytes
     while _f32_bytes > F32_CACHE_BYTES and len(_F32) > 1:
-        _, (_, _, old) = _F32.popitem(last=False)
-        _f32_bytes -= old.numel() * 4
-    return w32
+        _, old = _F32.popitem(last=False)
+        _f32_bytes -= old[4]
+    return a, b
+
+
+def _apply_small_run(ys: torch.Tensor, xs: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+                     lora_b: tuple[torch.Tensor, ...], slot: int, scale: float,
+                     output_slices: tuple[int, ...]) -> None:
+    """``ys[:, slice_i] += (xs @ A_i.T * scale) @ B_i.T`` for a few tokens of one slot, in
+    float32 (on CPU a bf16 matmul with a handful of rows costs 2-5x the float32 one): one
+    shrink for all slices, one batched expand, one add."""
+    a, b = _fused_f32(lora_a, lora_b, slot)
+    n, rank = xs.shape[0], lora_a[0].shape[-2]
+    h = torch.nn.functional.linear(xs.float(), a)  # (n, slices * rank)
+    if scale != 1.0:
+        h.mul_(scale)
+    if isinstance(b, torch.Tensor) and b.shape[0] * b.shape[2] == ys.shape[1]:
+        out = torch.bmm(h.view(n, len(output_slices), rank).transpose(0, 1), b)  # (slices, n, out)
+        ys += out.view(n, -1) if n == 1 else out.transpose(0, 1).reshape(n, -1)
+        return
+    offset = 0
+    for i, size in enumerate(output_slices):
+        ys[:, offset:offset + size] += h[:, i * rank:(i + 1) * rank] @ b[i]
+        offset += size
 
 
 def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
@@ -117,13 +148,14 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
     if plan.kind == "runs":
         for slot, start, end in plan.runs:
             xs, ys, offset = x[start:end], y[start:end], 0
-            cdt = torch.float32 if end - start <= SMALL_RUN_TOKENS else dtype
-            xs = xs if cdt == dtype else xs.to(cdt)
+            if end - start <= SMALL_RUN_TOKENS:
+                _apply_small_run(ys, xs, lora_a, lora_b, slot, scale, output_slices)
+                continue
             for a, b, size in zip(lora_a, lora_b, output_slices):
-                h = torch.nn.functional.linear(xs, _weights(a, slot, cdt))
+                h = torch.nn.functional.linear(xs, _slot(a, slot).to(dtype))
                 if scale != 1.0:
                     h.mul_(scale)
-                ys[:, offset:offset + size] += torch.nn.functional.linear(h, _weights(b, slot, cdt))
+                ys[:, offset:offset + size] += torch.nn.functional.linear(h, _slot(b, slot).to(dtype))
                 offset += size
         return
     xs = x if plan.rows is None else x.index_select(0, plan.rows)
