@@ -12,6 +12,8 @@ vLLM updates the wrapper's metadata), and :func:`add_lora_linear` applies it:
 * ``none``: no token has an adapter -> nothing is computed;
 * ``runs``: few contiguous runs of one slot (prefill, a single request, one shared
   adapter) -> per run, ``y[run] += (x[run] @ A.T * scale) @ B.T`` on views, no copies;
+  runs of a few tokens (decode) in float32 instead, with one shrink for all output slices
+  and one batched expand, on cached fused copies of the slot's weights;
 * ``gather``: many short runs (decode with many distinct adapters) -> each token's A
   and B are gathered (rank x hidden, small) and applied with two batched matmuls.
 
