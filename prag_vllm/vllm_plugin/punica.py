@@ -26,6 +26,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -78,8 +79,22 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
 
 F32_CACHE_BYTES = int(settings.F32_CACHE_MB.get() * (1 << 20))
 """Bound of the float32 copies of slot weights kept for decode runs (LRU; ``PRAG_F32_CACHE_MB``)."""
-_F32: OrderedDict[tuple[int, int], tuple] = OrderedDict()
-"""(layer's first stacked tensor id, slot) -> (weakref to it, versions, A, B, bytes)."""
+
+
+class _Fused(NamedTuple):
+    """Cached float32 weights of one layer's slot (see :func:`_fused_f32`)."""
+
+    owner: weakref.ref
+    """The layer's first stacked tensor (its id is the key; a new tensor may reuse the id)."""
+    versions: tuple[int, ...]
+    """Version counters of every stacked tensor when the copy was made."""
+    a: torch.Tensor
+    b: torch.Tensor | list[torch.Tensor]
+    nbytes: int
+
+
+_F32: OrderedDict[tuple[int, int], _Fused] = OrderedDict()
+"""(id of the layer's first stacked tensor, slot) -> its fused float32 weights (LRU)."""
 _f32_bytes = 0
 
 
@@ -102,21 +117,21 @@ def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...
     key = (id(lora_a[0]), slot)
     versions = tuple(t._version for t in lora_a) + tuple(t._version for t in lora_b)
     hit = _F32.get(key)
-    if hit is not None and hit[0]() is lora_a[0] and hit[1] == versions:
+    if hit is not None and hit.owner() is lora_a[0] and hit.versions == versions:
         _F32.move_to_end(key)
-        return hit[2], hit[3]
+        return hit.a, hit.b
     a = torch.cat([_slot(t, slot) for t in lora_a]).float()
     bs = [_slot(t, slot).t().float() for t in lora_b]
     b = torch.stack(bs) if len({x.shape for x in bs}) == 1 else [x.contiguous() for x in bs]
     nbytes = 4 * (a.numel() + sum(x.numel() for x in bs))
     if hit is not None:
-        _f32_bytes -= hit[4]
-    _F32[key] = (weakref.ref(lora_a[0]), versions, a, b, nbytes)
+        _f32_bytes -= hit.nbytes
+    _F32[key] = _Fused(weakref.ref(lora_a[0]), versions, a, b, nbytes)
     _F32.move_to_end(key)
     _f32_bytes += nbytes
     while _f32_bytes > F32_CACHE_BYTES and len(_F32) > 1:
         _, old = _F32.popitem(last=False)
-        _f32_bytes -= old[4]
+        _f32_bytes -= old.nbytes
     return a, b
 
 
