@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from common import run_metadata
-from server import pct, start_server
+from server import pct, start_server, wait_preloaded
 from table4 import DATA, prepare
 
 CONFIGS = {"server-merge": ["--worker-merge", "0"], "worker-merge": ["--worker-merge", "1"],
@@ -51,8 +51,8 @@ async def measure(base: str, questions: list[str], top_k: int, preload: bool) ->
 
     await client.chat.completions.create(model="prag-closed-book", messages=[{"role": "user", "content": "hi"}],
                                          max_tokens=2)
-    if preload:  # wait until the server's background preload is done (its gauge stops growing)
-        await asyncio.sleep(2)
+    if preload:  # wait until the server's background preload is done
+        await asyncio.to_thread(wait_preloaded, base)
     cold: dict[str, list[float]] = {k: [] for k in PHASES}
     cached: list[float] = []
     t0 = time.perf_counter()

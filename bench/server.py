@@ -93,6 +93,20 @@ def start_server(args, corpus: Path, store: Path, work: Path, extra: list[str] =
     raise SystemExit("server did not start")
 
 
+def wait_preloaded(base: str, timeout: float = 900) -> dict:
+    """Wait until the server's ``--preload-adapters`` is done (``GET /health``); returns its progress."""
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        state = httpx.get(base + "/health", timeout=10).json().get("preload") or {}
+        if not state.get("running"):
+            print(f"preload: {state}", flush=True)
+            return state
+        time.sleep(1)
+    raise SystemExit(f"preload not done after {timeout:.0f} s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from common import run_metadata, synthetic_adapter
-from server import pct, start_server
+from server import pct, start_server, wait_preloaded
 from table4_report import render
 
 MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
@@ -182,6 +182,10 @@ def main() -> int:
                     help="modes run against the stock-ops server")
     ap.add_argument("--order", choices=["interleaved", "by-mode"], default="interleaved",
                     help="step 1: every mode of a question in turn (default), or all questions mode by mode")
+    ap.add_argument("--preload-adapters", type=int, choices=[0, 1], default=1,
+                    help="servers read the document adapters before the questions (1, default: step 3's cold "
+                         "adapter is a document set never merged before, its documents in memory); 0: cold "
+                         "requests also read the documents' files")
     ap.add_argument("--work", default="runs/table4/work")
     ap.add_argument("--out", default="docs/table4")
     args = ap.parse_args()
@@ -194,13 +198,15 @@ def main() -> int:
     questions, counts = prepare(args, model_path, work)
     result = {"meta": run_metadata(), "model": model_path.name, "dtype": args.dtype, "data": str(args.data),
               "max_tokens": args.max_tokens, "max_loras": args.max_loras, "prefix_caching": False, "order": args.order,
+              "preload_adapters": bool(args.preload_adapters),
               "stock_questions": min(args.stock_questions, args.questions), **counts, "configs": {}}
     print(json.dumps(counts))
     for name in args.configs.split(","):
         env, flags = CONFIGS[name]
         server_args = argparse.Namespace(model=str(model_path), dtype=args.dtype, max_loras=args.max_loras)
         extra = ["--max-num-seqs", str(args.max_num_seqs), "--max-cpu-loras", str(max(args.max_loras, 2 * args.questions)),
-                 "--max-model-len", "4096", "--max-top-k", "8", "--enable-prefix-caching", "0", *flags]
+                 "--max-model-len", "4096", "--max-top-k", "8", "--enable-prefix-caching", "0",
+                 "--preload-adapters", str(args.preload_adapters), *flags]
         run_dir = work / name
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
@@ -209,10 +215,12 @@ def main() -> int:
         proc, base = start_server(server_args, work / "corpus.jsonl", Path(args.store), run_dir, extra=extra,
                                   env={**os.environ, **env})
         try:
+            if args.preload_adapters and name != "no-lora":
+                result["configs"].setdefault(name, {})["preload"] = wait_preloaded(base)
             modes = ["closed-book"] if name == "no-lora" else args.stock_modes.split(",") if name == "stock" else args.modes
             qs = questions[:args.stock_questions] if name == "stock" else questions
-            result["configs"][name] = asyncio.run(measure(base, qs, modes, args, lora=name != "no-lora",
-                                                          subset=args.stock_questions))
+            result["configs"].setdefault(name, {}).update(asyncio.run(measure(
+                base, qs, modes, args, lora=name != "no-lora", subset=args.stock_questions)))
         finally:
             proc.terminate()
             proc.wait(timeout=120)

@@ -88,6 +88,13 @@ def render(result: dict) -> str:
               "| | n | p50 ms | p95 ms |", "|---|---:|---:|---:|"]
     for k, v in _get(main, "adapter_ready_ms", default={}).items():
         lines.append(f"| {k} | {_get(v, 'n', default=0)} | {_get(v, 'p50'):.2f} | {_get(v, 'p95'):.2f} |")
+    if "preload_adapters" in result:
+        pre = main.get("preload") or {}
+        lines += ["", ("Servers started with `--preload-adapters 1`: before the questions, the server validated "
+                       f"{pre.get('documents', '?')} document adapters and vLLM's worker read "
+                       f"{pre.get('worker_documents', '?')} of them into memory. Cold = a document set never "
+                       "merged before.") if result["preload_adapters"] else
+                  "Servers started without preloading: a cold adapter also reads its documents' files."]
     lines += _stock_section(result)
     lines += ["", "## Targets (ratios from this run)", "", "| target | measured as | " +
               " | ".join(configs) + " |", "|---|---|" + "---:|" * len(configs)]

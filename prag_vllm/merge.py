@@ -19,9 +19,9 @@ A merge can also be handed to vLLM as a *manifest* (:func:`write_merge_manifest`
 PEFT directory whose ``adapter_config.json`` describes the merged adapter and whose
 ``prag_merge.json`` lists the document adapters' tensor files (path, sha256, identity of
 the file when the server validated it) instead of holding merged tensors. This project's
-vLLM plugin (:mod:`prag_vllm.vllm_plugin.merged`) builds the same tensors in the worker
-with :func:`merge_from_manifest`, from document adapters it keeps in memory: nothing is
-concatenated twice, written or parsed again.
+vLLM plugin (:mod:`prag_vllm.vllm_plugin.merged`) puts the same merged adapter into
+vLLM's LoRA slot, copying each document's factors from memory: nothing is concatenated,
+written or parsed again. :func:`merge_from_manifest` builds that adapter as tensors.
 """
 
 from __future__ import annotations
@@ -43,11 +43,8 @@ MANIFEST_FORMAT = "prag-merge/1"
 logger = logging.getLogger(__name__)
 
 
-def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False) -> LoraAdapter:
-    """Concatenate ``adapters`` into one LoRA whose ΔW is the sum of theirs (``fold_scaling``:
-    the scalings multiplied into B, and the merged scaling 1)."""
-    import torch
-
+def check_mergeable(adapters: list[LoraAdapter]) -> list[str]:
+    """The modules ``adapters`` all target; :class:`AdapterError` if they cannot be merged."""
     if not adapters:
         raise AdapterError("nothing to merge: no adapters given")
     modules = list(adapters[0].weights)
@@ -56,6 +53,27 @@ def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False) -
             raise AdapterError("cannot merge adapters that target different modules")
     if len({ad.base_model for ad in adapters}) > 1:
         raise AdapterError(f"cannot merge adapters of different base models: {sorted({a.base_model for a in adapters})}")
+    return modules
+
+
+def folded(adapter: LoraAdapter) -> LoraAdapter:
+    """The same update with its scaling multiplied into B (``alpha = r``), computed as
+    :func:`merge_adapters` folds it (in float32, rounded to B's dtype once): a merge of
+    folded adapters equals the folded merge of the originals bit for bit."""
+    s = adapter.scaling
+    if s == 1.0:
+        return adapter
+    weights = {m: (a, (b.float() * s).to(b.dtype)) for m, (a, b) in adapter.weights.items()}
+    return LoraAdapter(r=adapter.r, alpha=float(adapter.r), weights=weights, base_model=adapter.base_model,
+                       target_modules=adapter.target_modules, meta=adapter.meta, source=adapter.source)
+
+
+def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False) -> LoraAdapter:
+    """Concatenate ``adapters`` into one LoRA whose ΔW is the sum of theirs (``fold_scaling``:
+    the scalings multiplied into B, and the merged scaling 1)."""
+    import torch
+
+    modules = check_mergeable(adapters)
     rank = sum(ad.r for ad in adapters)
     scalings = [ad.scaling for ad in adapters]
     scaling = 1.0 if fold_scaling else scalings[0] if len(set(scalings)) == 1 else 1.0
@@ -102,6 +120,11 @@ def merge_from_manifest(directory: str | os.PathLike,
                         load_part: Callable[[WeightsSource, int, float], LoraAdapter]) -> LoraAdapter:
     """The merged adapter a manifest directory describes; ``load_part(source, r, alpha)``
     returns one document adapter (and must check the file is the one the manifest names)."""
+    return merge_adapters([load_part(*p) for p in read_manifest(directory)], fold_scaling=True)
+
+
+def read_manifest(directory: str | os.PathLike) -> list[tuple[WeightsSource, int, float]]:
+    """The document adapters a manifest directory lists: (tensors file, rank, alpha) each."""
     path = Path(directory) / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text())
@@ -113,7 +136,7 @@ def merge_from_manifest(directory: str | os.PathLike,
         raise AdapterError(f"{path}: unreadable merge manifest ({exc})") from None
     if not parts or sum(r for _, r, _ in parts) != manifest.get("r"):
         raise AdapterError(f"{path}: parts do not add up to rank {manifest.get('r')}")
-    return merge_adapters([load_part(*p) for p in parts], fold_scaling=True)
+    return parts
 
 
 def merged_key(doc_ids: list[str]) -> str:

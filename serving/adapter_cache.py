@@ -54,6 +54,9 @@ def check_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, int]], max_ran
                                f"({adapter.r}x{fan_in} / {fan_out}x{adapter.r})")
 
 
+PRELOAD_BATCH = 8
+"""Document adapters handed to vLLM's worker per preload call (the engine pauses while it reads them)."""
+
 RECORD_BYTES = 2048
 """What a validated adapter without its tensors is counted as (``keep_tensors=False``)."""
 
@@ -79,6 +82,8 @@ class DocAdapterCache:
         """Document id -> why its adapter is unusable."""
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self.preload_state: dict = {"running": False, "documents": 0, "worker_documents": None}
+        """Progress of :meth:`preload` (``worker_documents`` None: not sent to vLLM's worker)."""
 
     def has(self, doc_id: str) -> bool:
         """An adapter file exists and was not rejected."""
@@ -132,22 +137,52 @@ class DocAdapterCache:
             self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prag-doc-adapters")
         return list(self._pool.map(self.get, doc_ids))
 
-    def preload(self, doc_ids: list[str], *, background: bool = False) -> threading.Thread | None:
+    def preload(self, doc_ids: list[str], *, background: bool = False,
+                on_batch: Callable[[list[LoraAdapter]], tuple[int, bool]] | None = None,
+                batch: int = PRELOAD_BATCH) -> threading.Thread | None:
         """Read and validate adapters of ``doc_ids`` until the cache is full (``background``:
-        in a daemon thread, returned)."""
+        in a daemon thread, returned). ``on_batch`` gets every ``batch`` validated adapters
+        (vLLM's worker reads them too) and returns (documents the worker holds now, worker
+        full?); once full or failed it is not called again. Progress is in :attr:`preload_state`."""
         if background:
-            t = threading.Thread(target=self.preload, args=(doc_ids,), name="prag-preload-adapters", daemon=True)
+            t = threading.Thread(target=self.preload, args=(doc_ids,), kwargs={"on_batch": on_batch, "batch": batch},
+                                 name="prag-preload-adapters", daemon=True)
             t.start()
             return t
-        t0, n = time.perf_counter(), 0
+        t0, n, pending = time.perf_counter(), 0, []
+        self.preload_state.update(running=True, documents=0, worker_documents=0 if on_batch else None)
+
+        def send() -> None:
+            nonlocal on_batch
+            if on_batch is not None and pending:
+                try:
+                    held, full = on_batch(list(pending))
+                except Exception as exc:  # the server keeps serving; requests read what was not preloaded
+                    logger.warning("preloading document adapters into vLLM's worker failed: %s", exc)
+                    on_batch = None
+                else:
+                    self.preload_state["worker_documents"] = held
+                    if full:
+                        on_batch = None
+            pending.clear()
+
         for doc_id in doc_ids:
             with self._lock:  # stop when one more (of the average size) would evict what was just read
                 if self._items and self._bytes * (len(self._items) + 1) / len(self._items) > self.max_bytes:
                     break
-            if self.get(doc_id) is not None:
+            adapter = self.get(doc_id)
+            if adapter is not None:
                 n += 1
-        logger.info("preloaded %d document adapters (%.1f MiB) in %.1f s", n, self._bytes / 2**20,
-                    time.perf_counter() - t0)
+                self.preload_state["documents"] = n
+                if adapter.source is not None:
+                    pending.append(adapter)
+                if len(pending) >= batch:
+                    send()
+        send()
+        self.preload_state["running"] = False
+        logger.info("preloaded %d document adapters (%.1f MiB) in %.1f s%s", n, self._bytes / 2**20,
+                    time.perf_counter() - t0, "" if self.preload_state["worker_documents"] is None else
+                    f"; {self.preload_state['worker_documents']} in vLLM's worker")
         return None
 
     def forget(self, doc_ids) -> None:

@@ -144,7 +144,7 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
         s = holder.get("svc")
         if s is None or not s.engine.healthy:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok"}
+        return {"status": "ok", "preload": s.docs.preload_state}
 
     @app.get("/metrics")
     async def metrics():

@@ -75,7 +75,10 @@ class ServerConfig:
     passages). 0: every prompt is computed in full (benchmarks comparing prompt lengths)."""
     preload_adapters: int = 0
     """1: read and validate the corpus's document adapters into memory at start, in the
-    background (bounded by ``doc_cache_max_bytes``), so first requests read no adapter file."""
+    background (bounded by ``doc_cache_max_bytes``), so first requests read no adapter file.
+    With ``worker_merge``, vLLM's worker reads them into its own cache too (bounded by
+    ``PRAG_WORKER_ADAPTER_CACHE_MB``), a few at a time between engine steps; progress is in
+    ``GET /health`` (``preload``)."""
     worker_merge: int = 1
     """1: the server writes a merge manifest and vLLM's worker concatenates the document
     adapters itself, from ones it keeps in memory (needs this project's vLLM plugin; off

@@ -77,6 +77,14 @@ class AsyncEngine:
         """Load an adapter into vLLM ahead of its request (so 'adapter ready' is measurable)."""
         await self.llm.add_lora(self.lora_request(name, lora_id, path))
 
+    async def preload_parts(self, adapters: list) -> dict:
+        """Have vLLM's worker read these validated document adapters (``LoraAdapter`` with
+        ``source``) into its cache now (this project's plugin; see ``vllm_plugin.merged``).
+        The engine runs no step while the worker reads them: callers send small batches."""
+        parts = [[a.source.path, a.source.sha256, a.source.size, a.source.mtime_ns, a.source.inode, a.r, a.alpha]
+                 for a in adapters]
+        return (await self.llm.collective_rpc("prag_preload_parts", args=(parts,)))[0]
+
     async def unload_adapter(self, lora_id: int) -> None:
         try:
             await self.llm.remove_lora(lora_id)

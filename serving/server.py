@@ -97,7 +97,11 @@ class Server:
                                cfg.max_lora_rank, max_bytes=cfg.doc_cache_max_bytes, model_id=self.model_id,
                                keep_tensors=not worker_merge)
         if cfg.preload_adapters and cfg.enable_lora:
-            docs.preload(self.adapter_doc_ids, background=True)
+            def to_worker(adapters) -> tuple[int, bool]:  # from the preload thread: vLLM's worker reads them too
+                got = asyncio.run_coroutine_threadsafe(self.engine.preload_parts(adapters), loop).result(timeout=600)
+                return got["documents"], got["full"]
+
+            docs.preload(self.adapter_doc_ids, background=True, on_batch=to_worker if worker_merge else None)
         async def load(entry) -> None:
             await self.engine.load_adapter(entry.lora_name, entry.lora_id, entry.path)
 

@@ -229,3 +229,33 @@ def test_engine_without_lora_puts_every_document_in_context(tiny_model_dir, tmp_
     for enable, chosen in ((True, ["d1"]), (False, [])):
         service.engine = SimpleNamespace(settings=EngineConfig(model=str(tiny_model_dir), enable_lora=enable))
         assert service._select([d1]) == (chosen, [])
+
+
+def test_preload_hands_validated_adapters_to_the_worker_in_batches(caches):
+    """--preload-adapters with worker merge: validated adapters go to vLLM's worker a batch at
+    a time; once the worker is full (or fails) nothing more is sent; /health shows progress."""
+    from serving.adapter_cache import DocAdapterCache
+
+    store, docs, _, _ = caches
+    ids = [f"d{i}" for i in range(5)]
+    sent: list[list[str]] = []
+
+    def worker(adapters):
+        sent.append([a.source.path for a in adapters])
+        return sum(map(len, sent)), len(sent) == 2  # full after the second batch
+
+    cache = DocAdapterCache(store, docs.shapes, max_rank=8, keep_tensors=False)
+    cache.preload(ids, on_batch=worker, batch=2)  # three batches, but the worker is full after two
+    assert [len(b) for b in sent] == [2, 2] and cache.preload_state == {"running": False, "documents": 5,
+                                                                         "worker_documents": 4}
+    assert sent[0][0] == str((store.path("d0") / "adapter_model.safetensors").resolve())
+
+    def broken(adapters):
+        raise RuntimeError("engine gone")
+
+    other = DocAdapterCache(store, docs.shapes, max_rank=8, keep_tensors=False)
+    other.preload(ids, on_batch=broken, batch=2)  # the server keeps serving: only logged
+    assert other.preload_state["documents"] == 5 and other.preload_state["worker_documents"] == 0
+    plain = DocAdapterCache(store, docs.shapes, max_rank=8)
+    plain.preload(ids)
+    assert plain.preload_state["worker_documents"] is None

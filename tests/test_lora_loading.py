@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from conftest import random_adapter
@@ -52,6 +54,7 @@ def test_whole_file_reads_and_memoized_names_load_the_same_adapter(tiny_model_di
 
 
 def test_memoized_parser_keys_on_the_mapper():
+    from prag_vllm.vllm_plugin import loading
     from prag_vllm.vllm_plugin.loading import memoized_name_parser
 
     calls = []
@@ -64,6 +67,22 @@ def test_memoized_parser_keys_on_the_mapper():
     assert p("a") == ("A", True) and p("a") == ("A", True)
     assert p("a", "m:") == ("m:a", True) and p("a", "n:") == ("n:a", True)
     assert len(calls) == 3
+    # vLLM builds a new, equal mapper for every adapter: still one parse per name, and the
+    # objects it remembers stay bounded (it used to keep every mapper: a leak per add_lora)
+    for _ in range(50):
+        assert p("a", Mapper({"m": "x"})) == ("m:a", True)
+    assert len(calls) == 4 and len(p.recent) <= loading.RECENT_MAPPERS
+    assert p("a", Mapper({"m": "y"})) == ("m:a", True) and len(calls) == 5  # other content: parsed again
+
+
+@dataclass
+class Mapper:
+    """Like vLLM's WeightsMapper: a dataclass, equal by content, unhashable."""
+
+    prefix: dict
+
+    def __add__(self, name):
+        return "m:" + name
 
 
 def test_idle_spinning_is_shortened(monkeypatch, tmp_path):
@@ -98,12 +117,14 @@ def test_idle_spinning_is_shortened(monkeypatch, tmp_path):
 
 def test_merge_manifest_loads_the_same_lora_model_as_the_merged_file(tiny_model_dir, tmp_path):
     """vllm_plugin/merged.py: vLLM's loader given a manifest directory builds the LoRAModel
-    it builds from the merged tensors file (the server's path without the plugin)."""
+    it builds from the merged tensors file (the server's path without the plugin), its
+    factors kept as the documents' parts (vllm_plugin/parts.py)."""
     from vllm.lora import lora_model
 
     from prag_vllm.adapters import AdapterStore
     from prag_vllm.merge import merge_adapters, write_merge_manifest
     from prag_vllm.vllm_plugin import merged
+    from prag_vllm.vllm_plugin.parts import RankParts
 
     store = AdapterStore(tmp_path / "store")
     for i in range(3):
@@ -117,7 +138,8 @@ def test_merge_manifest_loads_the_same_lora_model_as_the_merged_file(tiny_model_
     for name, w in want.loras.items():
         g = got.loras[name]
         assert g.rank == w.rank == 6 and g.scaling == w.scaling == 1.0
-        assert torch_equal(g.lora_a, w.lora_a) and torch_equal(g.lora_b, w.lora_b)
+        assert isinstance(g.lora_a, RankParts) and len(g.lora_a.parts) == 3 and g.lora_a.shape == w.lora_a.shape
+        assert torch_equal(g.lora_a.materialize(), w.lora_a) and torch_equal(g.lora_b.materialize(), w.lora_b)
     with pytest.raises(ValueError, match="expected target modules"):
         lora_model.LoRAModel.from_local_checkpoint(
             str(tmp_path / "manifest"), {"gate_proj", "up_proj"}, peft_helper=_helper(tmp_path / "manifest"),

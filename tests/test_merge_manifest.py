@@ -137,3 +137,21 @@ def test_server_lru_writes_manifests_and_drops_entries_vllm_cannot_load(store, t
         assert lru.size == 0 and entry.refs == 0 and not entry.path.exists()
 
     asyncio.run(again())
+
+
+def test_part_cache_preload_fills_without_evicting_and_skips_bad_parts(store, tiny_model_dir, tmp_path):
+    """What vLLM's worker runs for the server's preload (``prag_preload_parts``): parts are
+    read until the next would not fit; a part whose file changed is skipped, not fatal."""
+    from prag_vllm.vllm_plugin.merged import preload_parts
+
+    ads = [store.load(f"d{i}") for i in range(3)]
+    parts = [(a.source, a.r, a.alpha) for a in ads]
+    one = ads[0].source.size
+    cache = PartCache(2 * one)
+    assert cache.preload(parts) == 2 and len(cache) == 2 and cache.misses == 2
+    assert cache.preload(parts[:2]) == 2 and cache.misses == 2  # already there: nothing read again
+    store.save("d1", random_adapter(tiny_model_dir, seed=77, rank=2))  # replaced after the server validated it
+    fresh = PartCache(8 * one)
+    assert fresh.preload(parts) == 2 and len(fresh) == 2  # d0 and d2
+    with pytest.raises(ValueError, match="bad part list"):
+        preload_parts(None, [["only-a-path"]])

@@ -171,13 +171,16 @@ def test_metrics_count_requests_and_cache(client, server):
 
 def test_preloaded_document_adapters(server):
     """--preload-adapters 1: every usable document adapter is read at start (the bad ones are
-    rejected there), and the gauge shows them in memory."""
+    rejected there), the gauge shows them in memory, and /health the preload's progress."""
     usable = len(WORDS) - len(NO_ADAPTER) + 2  # + SWAP_DOC, EVICT_DOC
     line = _preload_line(server)
     assert line is not None and f"preloaded {usable} document adapters" in line, line
     text = httpx.get(server["base"] + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     gauge = next(float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith("prag_doc_adapters_in_memory "))
     assert gauge == usable
+    state = httpx.get(server["base"] + "/health").json()["preload"]
+    # vLLM's worker read them too, as many as its 1 MiB cache holds (one adapter here)
+    assert state["running"] is False and state["documents"] == usable and state["worker_documents"] == 1
 
 
 @pytest.mark.parametrize("mode", ["closed-book", "parametric"])

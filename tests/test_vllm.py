@@ -5,7 +5,7 @@ import torch
 
 from conftest import AUGS, DOCS, random_adapter
 from prag_vllm.adapters import AdapterStore
-from prag_vllm.merge import merge_adapters
+from prag_vllm.merge import merge_adapters, write_merge_manifest
 
 pytestmark = pytest.mark.vllm
 
@@ -22,8 +22,10 @@ def adapters(test_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     ads = [random_adapter(test_model_dir, seed=s, std=0.02) for s in range(3)]
     paths = [ad.save(root / f"doc{i}") for i, ad in enumerate(ads)]  # bf16, as the store writes them
-    merged = merge_adapters([ad.__class__.load(p) for ad, p in zip(ads, paths)]).save(root / "merged")
-    return {"doc0": paths[0], "doc1": paths[1], "doc2": paths[2], "merged": merged}
+    loaded = [ad.__class__.load(p) for ad, p in zip(ads, paths)]
+    merged = merge_adapters(loaded).save(root / "merged")
+    write_merge_manifest(loaded, root / "manifest", ["doc0", "doc1", "doc2"])  # the server's default form
+    return {"doc0": paths[0], "doc1": paths[1], "doc2": paths[2], "merged": merged, "manifest": root / "manifest"}
 
 
 def hf_greedy(model_dir, adapter_path, question):
@@ -40,14 +42,38 @@ def hf_greedy(model_dir, adapter_path, question):
     return new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
 
 
-@pytest.mark.parametrize("which", ["doc0", "merged"])
+@pytest.mark.parametrize("which", ["doc0", "merged", "manifest"])
 def test_vllm_greedy_equals_transformers_peft(vllm_engine, test_model_dir, adapters, which):
+    """``manifest``: vLLM's worker copies the three documents' factors into its slot
+    (vllm_plugin/merged.py, parts.py); peft runs the merged file."""
     path = adapters[which]
     gens = vllm_engine.generate([conv(q) for q in QUESTIONS], [path] * len(QUESTIONS), max_tokens=MAX_TOKENS)
     base = vllm_engine.generate([conv(q) for q in QUESTIONS], max_tokens=MAX_TOKENS)
     assert any(g.token_ids != b.token_ids for g, b in zip(gens, base)), "the adapter must change the output"
+    hf_path = adapters["merged"] if which == "manifest" else path
     for q, g in zip(QUESTIONS, gens):
-        assert g.token_ids == hf_greedy(test_model_dir, path, q), q
+        assert g.token_ids == hf_greedy(test_model_dir, hf_path, q), q
+
+
+def test_worker_preloads_document_adapters_then_merges_from_memory(vllm_engine, test_model_dir, tmp_path):
+    """The server's --preload-adapters path: vLLM's worker reads documents on request
+    (``prag_preload_parts``); a manifest naming them then reads no file, one naming a
+    document it did not preload reads that one."""
+    from prag_vllm.adapters import LoraAdapter
+
+    ads = [LoraAdapter.load(random_adapter(test_model_dir, seed=40 + i).save(tmp_path / f"d{i}")) for i in range(4)]
+    parts = [[a.source.path, a.source.sha256, a.source.size, a.source.mtime_ns, a.source.inode, a.r, a.alpha]
+             for a in ads[:3]]
+    got = vllm_engine.llm.collective_rpc("prag_preload_parts", args=(parts,))[0]
+    assert got["preloaded"] == 3 and not got["full"] and got["documents"] >= 3
+
+    def files_read_after(manifest_ads, name):
+        write_merge_manifest(manifest_ads, tmp_path / name, [f"x{i}" for i in range(len(manifest_ads))])
+        vllm_engine.generate([conv(QUESTIONS[0])], [tmp_path / name], max_tokens=2)
+        return vllm_engine.llm.collective_rpc("prag_preload_parts", args=([],))[0]["files_read"]
+
+    assert files_read_after(ads[:3], "preloaded") == got["files_read"]
+    assert files_read_after([ads[0], ads[3]], "one-new") == got["files_read"] + 1
 
 
 def test_lora_engine_keeps_torch_compile_and_ffn_only_lora_layers(vllm_engine):

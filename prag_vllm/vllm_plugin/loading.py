@@ -6,7 +6,7 @@ does not depend on the weights (``docs/lora_cpu.md``):
 
 * tensor names are parsed by ``parse_fine_tuned_lora_name`` three times each (about 360
   calls per adapter), yet every adapter of a model has the same names: the result is
-  memoized here (a pure function of the name and the model's weights mapper);
+  memoized here (a pure function of the name and the content of the model's weights mapper);
 * tensors are read one ``get_tensor`` call at a time from a memory map: here a small
   file (``MAX_WHOLE_READ`` bytes or less) is read once and deserialized from memory by
   ``safetensors.torch.load``, about 2x faster; larger files keep vLLM's memory-mapped reads.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -69,22 +70,40 @@ class _SafetensorsShim:
         return getattr(self._real, name)
 
 
+RECENT_MAPPERS = 8
+"""Mapper objects remembered by identity (vLLM builds a new, equal one for every adapter)."""
+
+
 def memoized_name_parser(parse):
-    """``parse(name, weights_mapper)`` cached per (name, mapper); mappers are kept alive so
-    their ids are never reused while cached."""
-    mappers: dict[int, object] = {}
+    """``parse(name, weights_mapper)`` cached per (name, the mapper's content).
+
+    vLLM hands every ``add_lora`` a new mapper object with the same content
+    (``hf_to_vllm_mapper.get_rename_mapper()``), so the cache keys on ``repr(mapper)``,
+    computed once per object. Only the last :data:`RECENT_MAPPERS` objects are kept
+    (alive, so their ids are not reused while remembered), plus one per distinct content.
+    """
+    recent: OrderedDict[int, tuple[object, str]] = OrderedDict()
+    by_content: dict[str, object] = {}
 
     @functools.lru_cache(maxsize=1 << 16)
-    def cached(name: str, mapper_id: int):
-        return parse(name, mappers.get(mapper_id))
+    def cached(name: str, content: str | None):
+        return parse(name, None if content is None else by_content[content])
 
     @functools.wraps(parse)
     def parse_cached(name: str, weights_mapper=None):
-        if weights_mapper is not None:
-            mappers.setdefault(id(weights_mapper), weights_mapper)
-        return cached(name, 0 if weights_mapper is None else id(weights_mapper))
+        if weights_mapper is None:
+            return cached(name, None)
+        seen = recent.get(id(weights_mapper))
+        if seen is None or seen[0] is not weights_mapper:
+            seen = (weights_mapper, repr(weights_mapper))
+            recent[id(weights_mapper)] = seen
+            by_content.setdefault(seen[1], weights_mapper)
+            while len(recent) > RECENT_MAPPERS:
+                recent.popitem(last=False)
+        return cached(name, seen[1])
 
     parse_cached.cache_info = cached.cache_info
+    parse_cached.recent = recent
     return parse_cached
 
 

@@ -3,9 +3,11 @@
 Without this, every cold request's adapter is concatenated and written by the server,
 then read and parsed again by vLLM's worker. With it, the server writes two small JSON
 files; when vLLM loads that directory (``LoRAModel.from_local_checkpoint``) the worker
-merges the document adapters itself, from a byte-bounded LRU of document adapters it
-has already read (``PRAG_WORKER_ADAPTER_CACHE_MB``, default 256). The tensors handed to
-vLLM are exactly those of the merged file (same function, ``merge_adapters``).
+takes the document adapters from a byte-bounded LRU of those it has already read
+(``PRAG_WORKER_ADAPTER_CACHE_MB``, default 1024), kept with their scaling folded into B.
+The merged A and B are not built: each is a :class:`~.parts.RankParts` of the documents'
+tensors, copied into vLLM's LoRA slot when the adapter is activated. What lands in the
+slot is exactly what the merged file would give (``merge_adapters(..., fold_scaling=True)``).
 
 A document adapter is taken from memory when its sha256 matches the manifest. Read from
 disk, it is trusted without re-hashing only if the file is still the one the server
@@ -23,10 +25,11 @@ import os
 import threading
 from collections import OrderedDict
 
-from prag_vllm.adapters import WEIGHTS_FILE, LoraAdapter, WeightsSource, read_weights
+from prag_vllm.adapters import PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter, WeightsSource, read_weights
 from prag_vllm.errors import AdapterError
-from prag_vllm.merge import MANIFEST_FILE, merge_from_manifest
+from prag_vllm.merge import MANIFEST_FILE, check_mergeable, folded, read_manifest
 from prag_vllm.vllm_plugin import settings
+from prag_vllm.vllm_plugin.parts import RankParts
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,8 @@ def cache_bytes_from_env() -> int:
 
 
 class PartCache:
-    """Document adapters by sha256, least recently used first out; thread-safe."""
+    """Document adapters by sha256, with their scaling folded into B
+    (:func:`prag_vllm.merge.folded`), least recently used first out; thread-safe."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -60,7 +64,7 @@ class PartCache:
             if hashlib.sha256(raw).hexdigest() != source.sha256:
                 raise AdapterError(f"document adapter {source.path} changed after the server validated it "
                                    f"(sha256 differs from the merge manifest)")
-        adapter = LoraAdapter.from_bytes(raw, r, alpha, where=source.path)
+        adapter = folded(LoraAdapter.from_bytes(raw, r, alpha, where=source.path))
         nbytes = len(raw)
         with self._lock:
             self.misses += 1
@@ -71,6 +75,25 @@ class PartCache:
                     _, (_, n) = self._items.popitem(last=False)
                     self._bytes -= n
         return adapter
+
+    def preload(self, parts: list[tuple[WeightsSource, int, float]]) -> int:
+        """Read ``parts`` not cached yet while they fit without evicting anything; returns
+        how many are cached now. A part that fails to load is skipped (its request will
+        report it)."""
+        n = 0
+        for source, r, alpha in parts:
+            with self._lock:
+                cached = source.sha256 in self._items
+                if not cached and self._bytes + source.size > self.max_bytes:
+                    break
+            if not cached:
+                try:
+                    self.load(source, r, alpha)
+                except AdapterError as exc:
+                    logger.warning("preload: %s", exc)
+                    continue
+            n += 1
+        return n
 
     @property
     def nbytes(self) -> int:
@@ -86,22 +109,42 @@ def part_cache() -> PartCache:
     return PartCache(cache_bytes_from_env())
 
 
+def preload_parts(worker, parts: list[list]) -> dict:
+    """Worker RPC ``prag_preload_parts``: read document adapters into this worker's cache
+    ahead of the manifests that will name them. ``parts``: ``[path, sha256, size, mtime_ns,
+    inode, r, alpha]`` each, as the server validated them. Returns what is cached now."""
+    try:
+        todo = [(WeightsSource(str(p[0]), str(p[1]), int(p[2]), int(p[3]), int(p[4])), int(p[5]), float(p[6]))
+                for p in parts]
+    except (ValueError, TypeError, IndexError) as exc:
+        raise ValueError(f"prag_preload_parts: bad part list ({exc})") from None
+    cache = part_cache()
+    n = cache.preload(todo)
+    return {"preloaded": n, "full": n < len(todo), "documents": len(cache), "bytes": cache.nbytes,
+            "files_read": cache.misses}
+
+
 def has_manifest(lora_dir: str) -> bool:
     return os.path.isfile(os.path.join(lora_dir, MANIFEST_FILE)) and not os.path.isfile(
         os.path.join(lora_dir, WEIGHTS_FILE))
 
 
-def manifest_tensors(lora_dir: str, expected_lora_modules) -> dict:
-    """PEFT-named tensors of the merged adapter a manifest directory describes."""
+def manifest_parts(lora_dir: str, expected_lora_modules) -> dict[str, RankParts]:
+    """PEFT tensor name -> :class:`RankParts` of the merged adapter a manifest directory describes."""
     try:
-        merged = merge_from_manifest(lora_dir, part_cache().load)
+        adapters = [part_cache().load(*p) for p in read_manifest(lora_dir)]
+        modules = check_mergeable(adapters)
     except AdapterError as exc:
         raise ValueError(f"While loading {lora_dir}: {exc}") from None
-    unexpected = sorted({m.rsplit(".", 1)[-1] for m in merged.weights} - set(expected_lora_modules))
+    unexpected = sorted({m.rsplit(".", 1)[-1] for m in modules} - set(expected_lora_modules))
     if unexpected:
         raise ValueError(f"While loading {lora_dir}, expected target modules in {expected_lora_modules} "
                          f"but received {unexpected}")
-    return merged.state_dict()
+    out = {}
+    for m in modules:
+        out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = RankParts([ad.weights[m][0] for ad in adapters], dim=0)
+        out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = RankParts([ad.weights[m][1] for ad in adapters], dim=1)
+    return out
 
 
 def install() -> None:
@@ -109,8 +152,11 @@ def install() -> None:
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.utils import get_lora_id
 
+    from prag_vllm.vllm_plugin import parts
+
     if getattr(LoRAModel, "_prag_manifest", False):
         return
+    parts.install()  # RankParts reach vLLM's set_lora
     cache_bytes_from_env()  # a bad setting fails here, with its name, not at the first load
     original = LoRAModel.from_local_checkpoint.__func__
 
@@ -125,10 +171,16 @@ def install() -> None:
             raise ValueError(f"{lora_dir}: merge manifests are not supported with expert parallelism")
         return cls.from_lora_tensors(
             lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id,
-            tensors=manifest_tensors(lora_dir, expected_lora_modules), peft_helper=peft_helper, device=device,
+            tensors=manifest_parts(lora_dir, expected_lora_modules), peft_helper=peft_helper, device=device,
             dtype=dtype, model_vocab_size=model_vocab_size, weights_mapper=weights_mapper,
             skip_prefixes=skip_prefixes)
 
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
     LoRAModel._prag_manifest = True
+    try:  # a method every vLLM worker has, for the server's collective_rpc
+        from vllm.v1.worker.worker_base import WorkerBase
+
+        WorkerBase.prag_preload_parts = preload_parts
+    except ImportError:
+        logger.debug("prag: no vLLM worker base class; document adapters are not preloaded in the worker")
     logger.debug("prag: merge manifests load in the worker")

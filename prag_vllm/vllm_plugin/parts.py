@@ -1,0 +1,191 @@
+"""Merged adapters kept as their documents' factors, copied straight into vLLM's LoRA slots.
+
+A merged adapter is ``A = [A_1; ...; A_k]`` and ``B = [s_1 B_1, ..., s_k B_k]``
+(:mod:`prag_vllm.merge`). vLLM's worker only ever copies a LoRA's A and B into one slot
+of its stacked buffers (``set_lora``, when the adapter is activated). So a merged adapter
+loaded from a manifest (:mod:`.merged`) does not build A and B: each is a
+:class:`RankParts`, the documents' own tensors (shared with the worker's document cache),
+and ``set_lora`` writes each slot once, with ``torch.cat(parts + [zero padding], out=slot)``
+(vLLM zeroes the slot, then copies A and B into it). The slot ends up bit for bit what the
+concatenated tensors would give (writing into a slot of another dtype converts exactly as
+``Tensor.to`` does).
+
+Why: each merged adapter vLLM keeps (up to ``max_cpu_loras``) used to hold its own
+concatenated copy, ~4.7 MB for a rank-6 FFN adapter of Qwen2.5-0.5B. Fresh memory is
+paid in page faults: in vLLM's worker, once a few adapters were held, every ``add_lora``
+took 1000-2500 minor faults and 20-60 ms of system time (``docs/lora_cpu.md``). With
+parts, a loaded adapter costs no tensor memory and no concatenation.
+
+:func:`install` wraps ``set_lora`` of every vLLM LoRA layer class: plain and merged
+(gate/up) linear layers without tensor parallelism, whose factors span the slot's width,
+take that path; any other
+layer gets the concatenated tensors (:meth:`RankParts.materialize`) and runs vLLM's own
+code, so a :class:`RankParts` never reaches code that expects a tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class RankParts:
+    """One factor of a merged LoRA as the documents' factors, concatenated along the rank
+    dimension (``dim`` 0: A ``[r_j, in]`` stacked by rows; ``dim`` 1: B ``[out, r_j]`` by columns).
+
+    It stands in for the concatenated tensor where vLLM builds a ``LoRAModel``
+    (``from_lora_tensors``, packing gate/up, ``optimize``); nothing in it is ever written to.
+    """
+
+    __slots__ = ("parts", "dim", "dtype")
+
+    def __init__(self, parts: list[torch.Tensor], dim: int, dtype: torch.dtype | None = None):
+        if dim not in (0, 1) or not parts or any(p.dim() != 2 for p in parts):
+            raise ValueError("RankParts needs 2-D parts and dim 0 or 1")
+        other = 1 - dim
+        if len({p.shape[other] for p in parts}) != 1 or len({p.device for p in parts}) != 1:
+            raise ValueError(f"parts differ in size along dim {other} or in device: "
+                             f"{[tuple(p.shape) for p in parts]}")
+        self.parts = list(parts)
+        self.dim = dim
+        self.dtype = dtype or parts[0].dtype
+        """The dtype the factor is loaded as (each part is converted when it is copied)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        rank = sum(p.shape[self.dim] for p in self.parts)
+        other = self.parts[0].shape[1 - self.dim]
+        return torch.Size((rank, other) if self.dim == 0 else (other, rank))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def to(self, device=None, dtype: torch.dtype | None = None, **kwargs) -> RankParts | torch.Tensor:
+        """Same parts with another target dtype; another device gets a real tensor."""
+        if device is not None and torch.device(device) != self.device:
+            return self.materialize().to(device=device, **kwargs)
+        if dtype is None or dtype == self.dtype:
+            return self
+        return RankParts(self.parts, self.dim, dtype)
+
+    def pin_memory(self) -> RankParts:
+        """Kept as is: parts are copied into the slot buffers once, when activated."""
+        return self
+
+    def __imul__(self, scale: float) -> RankParts:
+        """``lora_b *= scaling`` (vLLM's ``optimize``): scaled copies, the shared parts untouched."""
+        return RankParts([p.to(self.dtype) * scale for p in self.parts], self.dim, self.dtype)
+
+    def materialize(self) -> torch.Tensor:
+        """The concatenated tensor, in :attr:`dtype`."""
+        return torch.cat([p.to(self.dtype) for p in self.parts], dim=self.dim)
+
+
+def has_parts(x) -> bool:
+    return isinstance(x, RankParts) or (isinstance(x, (list, tuple)) and any(isinstance(i, RankParts) for i in x))
+
+
+def materialize(x):
+    """``x`` with every :class:`RankParts` replaced by its concatenated tensor."""
+    if isinstance(x, RankParts):
+        return x.materialize()
+    if isinstance(x, (list, tuple)):
+        return type(x)(materialize(i) for i in x)
+    return x
+
+
+def _pieces(factor: torch.Tensor | RankParts | None) -> list[torch.Tensor]:
+    return [] if factor is None else factor.parts if isinstance(factor, RankParts) else [factor]
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+"""Zero padding by (rows, cols, dtype, device); only ever read (a handful of shapes per model)."""
+
+
+def _zeros(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros for the rank rows/columns a merged adapter does not fill."""
+    key = (rows, cols, dtype, device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(rows, cols, dtype=dtype, device=device)
+    return _ZEROS[key]
+
+
+def _fits(slot: torch.Tensor, factor, dim: int) -> bool:
+    """The factor spans the slot's full width (rows of A, columns of B) within its rank."""
+    pieces = _pieces(factor)
+    return (sum(p.shape[dim] for p in pieces) <= slot.shape[dim]
+            and all(p.shape[1 - dim] == slot.shape[1 - dim] for p in pieces))
+
+
+def _fill(slot: torch.Tensor, factor, dim: int) -> None:
+    """``slot`` := the factor's parts side by side along ``dim`` (the rank), zeros after them:
+    vLLM's ``reset_lora`` + ``copy_`` in one ``torch.cat`` writing the slot in place."""
+    pieces = _pieces(factor)
+    if not pieces:
+        slot.zero_()
+        return
+    pad = slot.shape[dim] - sum(p.shape[dim] for p in pieces)
+    if pad:
+        shape = (pad, slot.shape[1]) if dim == 0 else (slot.shape[0], pad)
+        pieces = [*pieces, _zeros(*shape, pieces[0].dtype, pieces[0].device)]
+    torch.cat(pieces, dim=dim, out=slot)
+
+
+def set_lora_by_parts(layer, index: int, lora_a, lora_b) -> bool:
+    """vLLM's ``set_lora`` of a linear LoRA layer without tensor parallelism, each slot written
+    once from the parts; False (nothing written) where that layout does not apply."""
+    a_list = lora_a if isinstance(lora_a, list) else [lora_a]
+    b_list = lora_b if isinstance(lora_b, list) else [lora_b]
+    n = getattr(layer, "n_slices", None)
+    if getattr(layer, "tp_size", 1) != 1 or not len(a_list) == len(b_list) == n == len(layer.lora_a_stacked):
+        return False
+    slots = [(layer.lora_a_stacked[i][index, 0], layer.lora_b_stacked[i][index, 0]) for i in range(n)]
+    if not all(_fits(sa, a, 0) and _fits(sb, b, 1) for (sa, sb), a, b in zip(slots, a_list, b_list)):
+        return False
+    for (sa, sb), a, b in zip(slots, a_list, b_list):
+        _fill(sa, a, 0)
+        _fill(sb, b, 1)
+    return True
+
+
+def _wrap(original, by_parts: bool):
+    @functools.wraps(original)
+    def set_lora(self, index, lora_a, lora_b, *args, **kwargs):
+        if has_parts(lora_a) or has_parts(lora_b):
+            if by_parts and not args and not kwargs and set_lora_by_parts(self, index, lora_a, lora_b):
+                return None
+            lora_a, lora_b = materialize(lora_a), materialize(lora_b)
+        return original(self, index, lora_a, lora_b, *args, **kwargs)
+
+    set_lora._prag_parts = True
+    return set_lora
+
+
+def _subclasses(cls) -> list[type]:
+    out, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        out.append(c)
+        todo.extend(c.__subclasses__())
+    return out
+
+
+def install() -> None:
+    """Wrap ``set_lora`` of every vLLM LoRA layer class (idempotent)."""
+    import vllm.lora.layers  # noqa: F401  (imports every layer class)
+    from vllm.lora.layers.base import BaseLayerWithLoRA
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
+
+    known = {BaseLinearLayerWithLoRA.__dict__.get("set_lora"), MergedColumnParallelLinearWithLoRA.__dict__.get("set_lora")}
+    for cls in _subclasses(BaseLayerWithLoRA):
+        fn = cls.__dict__.get("set_lora")
+        if fn is None or getattr(fn, "_prag_parts", False):
+            continue
+        cls.set_lora = _wrap(fn, by_parts=fn in known)
+    logger.debug("prag: merged adapters are copied into LoRA slots by document")

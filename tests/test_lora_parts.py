@@ -1,0 +1,126 @@
+"""vllm_plugin/parts.py: a merged adapter's factors copied into vLLM's LoRA slots by document
+give the slots vLLM's own ``set_lora`` gives the concatenated tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from prag_vllm.vllm_plugin import parts  # noqa: E402
+from prag_vllm.vllm_plugin.parts import RankParts  # noqa: E402
+
+GARBAGE = 7.0
+
+
+class Layer:
+    """What ``set_lora`` of vLLM's linear LoRA layers touches, without a model."""
+
+    def __init__(self, fan_in: int, outs: list[int], max_rank: int = 8, slots: int = 3):
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+        self._reset = BaseLinearLayerWithLoRA.reset_lora
+        self.n_slices, self.tp_size = len(outs), 1
+        self.lora_a_stacked = tuple(torch.full((slots, 1, max_rank, fan_in), GARBAGE, dtype=torch.bfloat16)
+                                    for _ in outs)
+        self.lora_b_stacked = tuple(torch.full((slots, 1, out, max_rank), GARBAGE, dtype=torch.bfloat16)
+                                    for out in outs)
+
+    def reset_lora(self, index):
+        self._reset(self, index)
+
+
+def _vllm_set_lora(n_slices: int):
+    """vLLM's own ``set_lora`` (unwrapped) for a layer of ``n_slices`` slices."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
+
+    fn = (BaseLinearLayerWithLoRA if n_slices == 1 else MergedColumnParallelLinearWithLoRA).set_lora
+    return getattr(fn, "__wrapped__", fn)
+
+
+def _factors(fan_in: int, out: int, ranks: list[int], seed: int):
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.randn(r, fan_in, generator=g) for r in ranks]  # float32 parts into bf16 slots: converted on copy
+    b = [torch.randn(out, r, generator=g) for r in ranks]
+    return RankParts(a, 0, torch.bfloat16), RankParts(b, 1, torch.bfloat16)
+
+
+@pytest.mark.parametrize("outs", [[48], [40, 40], [40, None]], ids=["one-slice", "gate-up", "gate-only"])
+@pytest.mark.parametrize("ranks", [[2, 2, 2], [1, 3], [2, 2, 2, 2]])
+def test_slots_written_from_parts_equal_vllm_set_lora_of_the_concatenation(outs, ranks):
+    fan_in, index = 32, 1
+    pa, pb = zip(*[_factors(fan_in, out or 40, ranks, seed=i) for i, out in enumerate(outs)])
+    mine, theirs = Layer(fan_in, [o or 40 for o in outs]), Layer(fan_in, [o or 40 for o in outs])
+    if len(outs) == 1:
+        a, b = pa[0], pb[0]
+    else:  # None: the packed layer has no LoRA for that projection (vLLM zeroes its slot)
+        a = [x if o else None for x, o in zip(pa, outs)]
+        b = [x if o else None for x, o in zip(pb, outs)]
+    assert parts.set_lora_by_parts(mine, index, a, b)
+    _vllm_set_lora(len(outs))(theirs, index, parts.materialize(a), parts.materialize(b))
+    for x, y in zip(mine.lora_a_stacked + mine.lora_b_stacked, theirs.lora_a_stacked + theirs.lora_b_stacked):
+        assert torch.equal(x, y)
+        assert bool((x[0] == GARBAGE).all() and (x[2] == GARBAGE).all())  # other slots untouched
+    r = sum(ranks)
+    assert torch.equal(mine.lora_a_stacked[0][index, 0, :r], pa[0].materialize())
+    assert bool((mine.lora_a_stacked[0][index, 0, r:] == 0).all())  # rows past the rank: zero, not stale
+    assert bool((mine.lora_b_stacked[0][index, 0, :, r:] == 0).all())
+    assert parts._ZEROS and all(not z.any() for z in parts._ZEROS.values())  # the shared padding: only read
+
+
+def test_factors_narrower_than_the_slot_go_through_vllm_code():
+    """A factor that does not span the slot (vLLM copies it into a corner) is not written by
+    parts: the wrapped set_lora hands vLLM the concatenated tensors instead."""
+    a, b = _factors(24, 40, [2, 2], seed=3)  # fan-in 24 < the slot's 32
+    layer = Layer(32, [40])
+    assert not parts.set_lora_by_parts(layer, 0, a, b)
+    assert bool((layer.lora_a_stacked[0] == GARBAGE).all())  # nothing half-written
+    want = Layer(32, [40])
+    _vllm_set_lora(1)(want, 0, a.materialize(), b.materialize())
+    parts._wrap(_vllm_set_lora(1), True)(layer, 0, a, b)
+    assert torch.equal(layer.lora_a_stacked[0], want.lora_a_stacked[0])
+    assert torch.equal(layer.lora_b_stacked[0], want.lora_b_stacked[0])
+
+
+def test_wrapped_set_lora_takes_parts_or_falls_back_to_tensors():
+    fan_in, outs = 16, [24, 24]
+    a, b = zip(*[_factors(fan_in, out, [2, 2], seed=5 + i) for i, out in enumerate(outs)])
+    original = _vllm_set_lora(2)
+    want = Layer(fan_in, outs)
+    original(want, 0, parts.materialize(list(a)), parts.materialize(list(b)))
+    for by_parts in (True, False):  # False: a layer type the parts path does not know
+        got = Layer(fan_in, outs)
+        parts._wrap(original, by_parts)(got, 0, list(a), list(b))
+        assert all(torch.equal(x, y) for x, y in zip(got.lora_a_stacked + got.lora_b_stacked,
+                                                     want.lora_a_stacked + want.lora_b_stacked))
+    sharded = Layer(fan_in, outs)
+    sharded.tp_size = 2  # tensor parallel: vLLM slices the tensors itself, so no parts path
+    assert not parts.set_lora_by_parts(sharded, 0, list(a), list(b))
+    assert bool((sharded.lora_a_stacked[0] == GARBAGE).all())
+
+
+def test_rank_parts_behave_like_the_concatenated_tensor_and_stay_unwritten():
+    a = [torch.ones(2, 4, dtype=torch.bfloat16), torch.full((1, 4), 3.0, dtype=torch.bfloat16)]
+    rp = RankParts(a, 0)
+    assert rp.shape == (3, 4) and rp.dtype == torch.bfloat16 and rp.to(device="cpu", dtype=torch.float32).dtype == torch.float32
+    scaled = rp
+    scaled *= 2.0  # vLLM's optimize(): must not scale the cached document tensors
+    assert torch.equal(a[0], torch.ones(2, 4, dtype=torch.bfloat16)) and scaled is not rp
+    assert torch.equal(scaled.materialize(), 2 * rp.materialize())
+    with pytest.raises(ValueError, match="differ"):
+        RankParts([torch.ones(2, 4), torch.ones(2, 5)], 0)
+    assert parts.has_parts([None, rp]) and not parts.has_parts([None, torch.ones(1)])
+
+
+def test_install_wraps_every_vllm_lora_layer_set_lora():
+    from vllm.lora.layers.base import BaseLayerWithLoRA
+
+    parts.install()
+    parts.install()  # idempotent
+    classes = [c for c in parts._subclasses(BaseLayerWithLoRA) if "set_lora" in c.__dict__]
+    assert len(classes) >= 5
+    for c in classes:
+        fn = c.__dict__["set_lora"]
+        assert fn._prag_parts and not getattr(fn.__wrapped__, "_prag_parts", False), c
