@@ -8,6 +8,9 @@ takes the document adapters from a byte-bounded LRU of those it has already read
 The merged A and B are not built: each is a :class:`~.parts.RankParts` of the documents'
 tensors, copied into vLLM's LoRA slot when the adapter is activated. What lands in the
 slot is exactly what the merged file would give (``merge_adapters(..., fold_scaling=True)``).
+An adapter vLLM holds keeps its documents' tensors alive after the cache drops them, so
+memory is bounded by the cache plus the documents of the adapters vLLM holds
+(``max_cpu_loras``); documents shared by several adapters are held once.
 
 A document adapter is taken from memory when its sha256 matches the manifest. Read from
 disk, it is trusted without re-hashing only if the file is still the one the server
