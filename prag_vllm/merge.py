@@ -56,15 +56,15 @@ def check_mergeable(adapters: list[LoraAdapter]) -> list[str]:
     return modules
 
 
-def folded(adapter: LoraAdapter) -> LoraAdapter:
-    """The same update with its scaling multiplied into B (``alpha = r``), computed as
-    :func:`merge_adapters` folds it (in float32, rounded to B's dtype once): a merge of
-    folded adapters equals the folded merge of the originals bit for bit."""
-    s = adapter.scaling
-    if s == 1.0:
+def folded(adapter: LoraAdapter, scaling: float = 1.0) -> LoraAdapter:
+    """The same update written with scaling ``scaling``: B multiplied by ``s / scaling``
+    (in float32, rounded to B's dtype once) and ``alpha = scaling * r``. A merge of folded
+    adapters is :func:`merge_adapters` of the originals, bit for bit."""
+    c = adapter.scaling / scaling
+    if c == 1.0:
         return adapter
-    weights = {m: (a, (b.float() * s).to(b.dtype)) for m, (a, b) in adapter.weights.items()}
-    return LoraAdapter(r=adapter.r, alpha=float(adapter.r), weights=weights, base_model=adapter.base_model,
+    weights = {m: (a, (b.float() * c).to(b.dtype)) for m, (a, b) in adapter.weights.items()}
+    return LoraAdapter(r=adapter.r, alpha=scaling * adapter.r, weights=weights, base_model=adapter.base_model,
                        target_modules=adapter.target_modules, meta=adapter.meta, source=adapter.source)
 
 
@@ -75,19 +75,11 @@ def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False) -
 
     modules = check_mergeable(adapters)
     rank = sum(ad.r for ad in adapters)
-    scalings = [ad.scaling for ad in adapters]
-    scaling = 1.0 if fold_scaling else scalings[0] if len(set(scalings)) == 1 else 1.0
-    # one factor c_j = s_j / s per column of B (None: all 1); applied once per module, in float32
-    factors = [s_j / scaling for s_j in scalings]
-    col_scale = None if all(c == 1.0 for c in factors) else torch.cat(
-        [torch.full((ad.r,), c, dtype=torch.float32) for ad, c in zip(adapters, factors)])
-    merged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module in modules:
-        a = torch.cat([ad.weights[module][0] for ad in adapters], dim=0)
-        b = torch.cat([ad.weights[module][1] for ad in adapters], dim=1)
-        if col_scale is not None:
-            b = (b.float() * col_scale).to(b.dtype)
-        merged[module] = (a, b)
+    scalings = {ad.scaling for ad in adapters}
+    scaling = 1.0 if fold_scaling or len(scalings) > 1 else scalings.pop()
+    parts = [folded(ad, scaling) for ad in adapters]  # B of each rescaled by c_j = s_j / s (none when 1)
+    merged = {m: (torch.cat([ad.weights[m][0] for ad in parts], dim=0),
+                  torch.cat([ad.weights[m][1] for ad in parts], dim=1)) for m in modules}
     return LoraAdapter(r=rank, alpha=scaling * rank, weights=merged, base_model=adapters[0].base_model,
                        target_modules=adapters[0].target_modules, meta={"kind": "merged"})
 

@@ -81,8 +81,9 @@ class AsyncEngine:
         """Have vLLM's worker read these validated document adapters (``LoraAdapter`` with
         ``source``) into its cache now (this project's plugin; see ``vllm_plugin.merged``).
         The engine runs no step while the worker reads them: callers send small batches."""
-        parts = [[a.source.path, a.source.sha256, a.source.size, a.source.mtime_ns, a.source.inode, a.r, a.alpha]
-                 for a in adapters]
+        from prag_vllm.vllm_plugin.merged import part_record
+
+        parts = [part_record(a) for a in adapters]
         return (await self.llm.collective_rpc("prag_preload_parts", args=(parts,)))[0]
 
     async def unload_adapter(self, lora_id: int) -> None:

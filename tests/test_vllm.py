@@ -60,10 +60,10 @@ def test_worker_preloads_document_adapters_then_merges_from_memory(vllm_engine, 
     (``prag_preload_parts``); a manifest naming them then reads no file, one naming a
     document it did not preload reads that one."""
     from prag_vllm.adapters import LoraAdapter
+    from prag_vllm.vllm_plugin.merged import part_record
 
     ads = [LoraAdapter.load(random_adapter(test_model_dir, seed=40 + i).save(tmp_path / f"d{i}")) for i in range(4)]
-    parts = [[a.source.path, a.source.sha256, a.source.size, a.source.mtime_ns, a.source.inode, a.r, a.alpha]
-             for a in ads[:3]]
+    parts = [part_record(a) for a in ads[:3]]
     got = vllm_engine.llm.collective_rpc("prag_preload_parts", args=(parts,))[0]
     assert got["preloaded"] == 3 and not got["full"] and got["documents"] >= 3
 

@@ -112,10 +112,17 @@ def part_cache() -> PartCache:
     return PartCache(cache_bytes_from_env())
 
 
+def part_record(adapter: LoraAdapter) -> list:
+    """What :func:`preload_parts` takes for one validated document adapter (read from a file):
+    ``[path, sha256, size, mtime_ns, inode, r, alpha]``, plain values for vLLM's RPC."""
+    s = adapter.source
+    return [s.path, s.sha256, s.size, s.mtime_ns, s.inode, adapter.r, adapter.alpha]
+
+
 def preload_parts(worker, parts: list[list]) -> dict:
     """Worker RPC ``prag_preload_parts``: read document adapters into this worker's cache
-    ahead of the manifests that will name them. ``parts``: ``[path, sha256, size, mtime_ns,
-    inode, r, alpha]`` each, as the server validated them. Returns what is cached now."""
+    ahead of the manifests that will name them. ``parts``: :func:`part_record` of each, as
+    the server validated them. Returns what is cached now."""
     try:
         todo = [(WeightsSource(str(p[0]), str(p[1]), int(p[2]), int(p[3]), int(p[4])), int(p[5]), float(p[6]))
                 for p in parts]
