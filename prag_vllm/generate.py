@@ -121,6 +121,30 @@ class EngineConfig:
         return kwargs
 
 
+WARM_UP_LORA_ID = (1 << 30) + 1
+"""First LoRA id of the warm-up requests (the server's zero adapter is ``1 << 30``)."""
+
+
+def warm_up_requests(cfg: EngineConfig, null_adapter: Path | None) -> list:
+    """LoRA requests for one warm-up step that makes vLLM's worker compile the plugin's
+    gather kernels (``vllm_plugin.gather``) at start-up instead of in the first batch with
+    many distinct adapters: the zero adapter under distinct ids. Empty when not needed."""
+    if null_adapter is None or not cfg.enable_lora or not grouped_ops_active():
+        return []
+    from prag_vllm.vllm_plugin import gather
+
+    if not gather.enabled() or cfg.max_loras < gather.WARM_UP_ADAPTERS:
+        return []
+    from vllm.lora.request import LoRARequest
+
+    return [LoRARequest(lora_name=f"prag-warm-up-{i}", lora_int_id=WARM_UP_LORA_ID + i, lora_path=str(null_adapter))
+            for i in range(gather.WARM_UP_ADAPTERS)]
+
+
+WARM_UP_PROMPT = [0, 1, 2]
+"""Token ids of each warm-up request (3 prompt tokens, 3 generated)."""
+
+
 @dataclass
 class Generation:
     """One finished request."""
@@ -150,6 +174,23 @@ class VLLMEngine:
                     "grouped (prag plugin)" if grouped_ops_active() else "vLLM stock", "on" if self.guard else "off")
         if cfg.enable_lora:  # also when off by default: generate(guard=True) may ask for it
             self.null_adapter = cfg.write_null_adapter(self._tmp.name)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One step with several zero adapters (:func:`warm_up_requests`), then unloaded."""
+        requests = warm_up_requests(self.cfg, self.null_adapter)
+        if not requests:
+            return
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        t0 = time.perf_counter()
+        params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+        self.llm.generate([TokensPrompt(prompt_token_ids=WARM_UP_PROMPT)] * len(requests), params,
+                          lora_request=requests, use_tqdm=False)
+        for r in requests:
+            self.llm.llm_engine.remove_lora(r.lora_int_id)
+        logger.info("LoRA gather kernels warmed up in %.1f s", time.perf_counter() - t0)
 
     def close(self) -> None:
         """Stop the engine's worker processes. Call it (or use ``with``): after LoRA use,

@@ -58,11 +58,42 @@ class AsyncEngine:
         self.guard = s.needs_guard()
         # this project's vLLM plugin is loaded: vLLM's worker can load merge manifests
         self.plugin_active = s.enable_lora and grouped_ops_active()
-        if self.guard:
+        if s.enable_lora:  # the guard's adapter, and the warm-up's
             self.null_adapter = s.write_null_adapter(self._tmp.name)
         logger.info("vLLM async engine ready in %.1f s (%s, %s); CPU LoRA ops %s", time.perf_counter() - t0, s.model,
                     s.dtype, "off" if not s.enable_lora else
                     "stock + zero-adapter guard" if self.guard else "grouped (prag plugin)")
+
+    async def warm_up(self) -> None:
+        """One step with several zero adapters, then unloaded: vLLM's worker compiles the
+        plugin's gather kernels now, not in the first batch of many distinct adapters
+        (``prag_vllm.generate.warm_up_requests``)."""
+        import asyncio
+
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from prag_vllm.generate import WARM_UP_PROMPT, warm_up_requests
+
+        requests = warm_up_requests(self.settings, self.null_adapter)
+        if not requests:
+            return
+        t0 = time.perf_counter()
+        params = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.0)
+
+        async def one(r) -> None:
+            async for _ in self.llm.generate(TokensPrompt(prompt_token_ids=WARM_UP_PROMPT), params,
+                                             f"prag-warm-up-{r.lora_int_id}", lora_request=r):
+                pass
+
+        try:
+            await asyncio.gather(*(one(r) for r in requests))
+            for r in requests:
+                await self.unload_adapter(r.lora_int_id)
+        except Exception as exc:  # only a slower first batch
+            logger.warning("LoRA warm-up failed: %s", exc)
+            return
+        logger.info("LoRA gather kernels warmed up in %.1f s", time.perf_counter() - t0)
 
     @property
     def healthy(self) -> bool:

@@ -88,6 +88,7 @@ class Server:
                                                       "enable_prefix_caching": bool(cfg.enable_prefix_caching)}))
         self.engine.start()
         loop = asyncio.get_running_loop()
+        self._warm_up = loop.create_task(self.engine.warm_up())  # in the background (a few seconds)
 
         def unload(entry) -> None:
             loop.create_task(self.engine.unload_adapter(entry.lora_id))

@@ -63,6 +63,7 @@ CASES = {
     "decode-distinct": ([0, 1, 2, 3, 1, 2, 0, 3, 2], False, "gather"),
     "decode-mixed-with-base": ([0, -1, 2, 3, -1, 1, 2, -1, 0], False, "gather"),
     "decode-single": ([1], False, "runs"),
+    "prefill-batched-with-decodes": ([2] * 18 + [0, 1, -1, 3, 1, 2] + [3] * 16 + [0], True, "mixed"),
     "no-adapter-at-all": ([-1] * 7, False, "none"),
 }
 

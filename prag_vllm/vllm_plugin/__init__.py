@@ -3,7 +3,8 @@
 Linear layers go through :mod:`prag_vllm.vllm_plugin.punica` (a per-step plan, a few
 matmuls per layer); the remaining op-level entry points through :mod:`.lora_ops`;
 :mod:`.compile` keeps torch.compile on; :mod:`.loading` makes ``add_lora`` cheaper;
-:mod:`.merged` lets the worker build merged adapters from a manifest; :mod:`.idle` shortens vLLM's busy-waiting between its processes (CPU only).
+:mod:`.merged` lets the worker build merged adapters from a manifest; :mod:`.gather` runs
+decode steps with many distinct adapters; :mod:`.idle` shortens vLLM's busy-waiting between its processes (CPU only).
 
 vLLM loads general plugins in every process it starts (engine core and workers), so the
 patch is in place before any model runs. It only touches the CPU punica wrapper and can
@@ -48,10 +49,11 @@ def register() -> None:
         setattr(punica_cpu, name, getattr(lora_ops, name))
     punica.install(punica_cpu.PunicaWrapperCPU)
     from prag_vllm.vllm_plugin import compile as lora_compile
-    from prag_vllm.vllm_plugin import idle, loading, merged
+    from prag_vllm.vllm_plugin import gather, idle, loading, merged
 
     loading.install()
     merged.install()
+    gather.install()  # after merged (parts): notes every slot write for the gather kernels' mirror
     if _on_cpu():
         idle.install()
 

