@@ -171,3 +171,28 @@ def test_every_vllm_lora_layer_notes_its_writes():
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
     assert getattr(BaseLinearLayerWithLoRA.set_lora, "_prag_parts", False), "parts' wrapper must stay inside"
+
+
+def test_a_slice_that_fails_to_compile_is_added_once(monkeypatch):
+    """The expand of the second slice fails (a recompile for another shape): the first
+    slice, already added by the compiled path, must not be added again by the eager one."""
+    shrink, expand_add = gather._kernel()
+    calls = []
+
+    def second_fails(y, bt, slots, h):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("recompile failed")
+        expand_add(y, bt, slots, h)
+
+    monkeypatch.setattr(gather, "_kernel", lambda: (shrink, second_fails))
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(5, IN, generator=g), torch.randn(5, sum(OUTS), generator=g)
+    a, b = weights(seed=1)
+    for rows, slots in ((None, torch.tensor([0, 1, 2, 3, 4])), (torch.tensor([1, 3, 4]), torch.tensor([2, 2, 0]))):
+        calls.clear()
+        gather._FAILED = False
+        out = run(y, x, rows, slots, a, b)
+        torch.testing.assert_close(out, reference(y, x, rows, slots, a, b), rtol=1e-5, atol=1e-5)
+        assert gather._FAILED and len(calls) == 2
+    gather._FAILED = False

@@ -146,7 +146,7 @@ def _shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tens
 
 def _expand(bt: torch.Tensor, slots: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``(n, out)`` float32: ``h[n] @ bt[slots[n]]``; ``bt`` is ``slots x rank x out``: a sum
-    of ``rank`` rows along ``out``. (One compiled function for both was 3x slower.)"""
+    of ``rank`` rows along ``out``."""
     return (bt[slots].float() * h.unsqueeze(2)).sum(1)
 
 
@@ -181,30 +181,43 @@ def enabled() -> bool:
     return lora_compile.enabled() and not _FAILED
 
 
-def _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices) -> None:
-    shrink, expand_add = _kernel()
-    xs = x if rows is None else x.index_select(0, rows)
-    hs = []  # every shrink first: a failure there leaves y untouched for the eager retry
-    for a in lora_a:
-        h = shrink(xs, a, slots)
+def _fail(exc: Exception) -> None:
+    global _FAILED
+    _FAILED = True
+    logger.warning("prag: compiled LoRA gather kernels failed (%s: %s); running them eagerly", type(exc).__name__, exc)
+
+
+def _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices) -> int:
+    """The compiled path; returns how many slices it added into ``y`` (all, unless
+    compiling failed: the caller adds the rest eagerly)."""
+    try:
+        shrink, expand_add = _kernel()
+        xs = x if rows is None else x.index_select(0, rows)
+        hs = [shrink(xs, a, slots) for a in lora_a]
+    except Exception as exc:  # no compiler, an inductor bug: stay correct, only slower
+        _fail(exc)
+        return 0
+    offset = 0
+    for done, (h, b, size) in enumerate(zip(hs, lora_b, output_slices)):
         if scale != 1.0:
             h.mul_(scale)
-        hs.append(h)
-    offset = 0
-    for h, b, size in zip(hs, lora_b, output_slices):
-        if rows is None:
-            expand_add(y[:, offset:offset + size], mirror(b), slots, h)
-        else:  # (index_add_ on the column slice would copy all of y)
-            ys = y[rows, offset:offset + size]
-            expand_add(ys, mirror(b), slots, h)
-            y[rows, offset:offset + size] = ys
+        try:
+            if rows is None:
+                expand_add(y[:, offset:offset + size], mirror(b), slots, h)
+            else:  # (index_add_ on the column slice would copy all of y)
+                ys = y[rows, offset:offset + size]
+                expand_add(ys, mirror(b), slots, h)
+                y[rows, offset:offset + size] = ys
+        except Exception as exc:
+            _fail(exc)
+            return done
         offset += size
+    return len(hs)
 
 
-def _apply_eager(y, x, rows, slots, lora_a, lora_b, scale, output_slices) -> None:
+def _apply_eager(y, x, rows, slots, lora_a, lora_b, scale, output_slices, offset: int = 0) -> None:
     dtype = x.dtype
     xs = x if rows is None else x.index_select(0, rows)
-    offset = 0
     for a, b, size in zip(lora_a, lora_b, output_slices):
         ag = _b3(a).index_select(0, slots).to(dtype)
         bg = _b3(b).index_select(0, slots).to(dtype)
@@ -224,13 +237,10 @@ def apply_gather(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, sl
                  output_slices: tuple[int, ...]) -> None:
     """``y[row, slice_i] += (x[row] @ A_i[slot].T * scale) @ B_i[slot].T`` for each token row
     (``rows``; None = every row) and its ``slots`` entry."""
-    global _FAILED
+    done = 0
     if enabled() and slots.numel() > 1:  # one token: eager is as fast, and n == 1 would compile again
-        try:
-            _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices)
+        done = _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices)
+        if done == len(lora_a):
             return
-        except Exception as exc:  # no compiler, an inductor bug: stay correct, only slower
-            _FAILED = True
-            logger.warning("prag: compiled LoRA gather kernels failed (%s: %s); running them eagerly",
-                           type(exc).__name__, exc)
-    _apply_eager(y, x, rows, slots, lora_a, lora_b, scale, output_slices)
+    _apply_eager(y, x, rows, slots, lora_a[done:], lora_b[done:], scale, output_slices[done:],
+                 offset=sum(output_slices[:done]))
