@@ -79,6 +79,27 @@ def vllm_engine(test_model_dir):
     engine.close()
 
 
+def lora_reference(y, x, a, b, slots, outs, scale):
+    """vLLM's reference LoRA ops (``torch_ops``), slice by slice, on the rows whose entry of
+    ``slots`` is >= 0 (-1 = no adapter: the row is left as it is); returns a new ``y``."""
+    import torch
+    from vllm.lora.ops import torch_ops as ref
+
+    y = y.clone()
+    rows = (slots >= 0).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return y
+    xs, idx, offset, rank = x[rows], slots[rows], 0, a[0].shape[-2]
+    for ai, bi, size in zip(a, b, outs):
+        h = torch.zeros(len(rows), rank, dtype=torch.float32)
+        ref.bgmv_shrink(xs, ai, h, idx, scale)
+        part = torch.zeros(len(rows), sum(outs), dtype=y.dtype)
+        ref.bgmv_expand_slice(h, bi, part, idx, offset, size, add_inputs=False)
+        y[rows, offset:offset + size] += part[:, offset:offset + size]
+        offset += size
+    return y
+
+
 def random_adapter(model_dir: Path, seed: int, std: float = 0.02, rank: int = 2, alpha: float = 32.0):
     """A random rank-``rank`` FFN adapter for ``model_dir`` (non-zero A and B)."""
     import torch

@@ -13,8 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from vllm.lora.ops import torch_ops as ref  # noqa: E402
-
+from conftest import lora_reference  # noqa: E402
 from prag_vllm.vllm_plugin import gather  # noqa: E402
 
 IN, R, SLOTS, OUTS, SCALE = 40, 8, 5, (24, 16), 0.75
@@ -29,17 +28,8 @@ def weights(dtype=torch.float32, seed=0):
 
 def reference(y, x, rows, slots, a, b):
     """vLLM's reference ops on ``rows`` (None = all) with their ``slots``."""
-    y = y.clone()
-    rows = torch.arange(len(x)) if rows is None else rows
-    xs, offset = x[rows], 0
-    for ai, bi, size in zip(a, b, OUTS):
-        h = torch.zeros(len(rows), R, dtype=torch.float32)
-        ref.bgmv_shrink(xs, ai, h, slots, SCALE)
-        part = torch.zeros(len(rows), sum(OUTS), dtype=y.dtype)
-        ref.bgmv_expand_slice(h, bi, part, slots, offset, size, add_inputs=False)
-        y[rows, offset:offset + size] += part[:, offset:offset + size]
-        offset += size
-    return y
+    per_row = slots.clone() if rows is None else torch.full((len(x),), -1, dtype=slots.dtype).index_copy_(0, rows, slots)
+    return lora_reference(y, x, a, b, per_row, OUTS, SCALE)
 
 
 def run(y, x, rows, slots, a, b):

@@ -8,9 +8,9 @@ reference torch ops slice by slice; tokens without an adapter must be left untou
 import pytest
 import torch
 from vllm.lora.layers.utils import LoRAMapping
-from vllm.lora.ops import torch_ops as ref
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
+from conftest import lora_reference
 from prag_vllm.vllm_plugin import punica
 
 IN, R, SLOTS, OUTS, SCALE = 40, 8, 4, (24, 24), 0.75
@@ -32,19 +32,7 @@ def weights(dtype=torch.float32, seed=0):
 
 def reference(y, x, a, b, slots):
     """vLLM's reference ops, applied only to rows whose slot is >= 0."""
-    y = y.clone()
-    rows = (slots >= 0).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return y
-    xs, idx, offset = x[rows], slots[rows], 0
-    for ai, bi, size in zip(a, b, OUTS):
-        h = torch.zeros(len(rows), R, dtype=torch.float32)
-        ref.bgmv_shrink(xs, ai, h, idx, SCALE)
-        part = torch.zeros(len(rows), sum(OUTS), dtype=y.dtype)
-        ref.bgmv_expand_slice(h, bi, part, idx, offset, size, add_inputs=False)
-        y[rows, offset:offset + size] += part[:, offset:offset + size]
-        offset += size
-    return y
+    return lora_reference(y, x, a, b, slots, OUTS, SCALE)
 
 
 def planned(slots: list[int], x, y, a, b, prefill: bool):
