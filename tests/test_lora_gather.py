@@ -87,8 +87,8 @@ class Layer:
 
 
 class Noted(Layer):
-    set_lora = gather._wrap(Layer.set_lora)
-    reset_lora = gather._wrap(Layer.reset_lora)
+    set_lora = gather._wrap(Layer.set_lora, reset=False)
+    reset_lora = gather._wrap(Layer.reset_lora, reset=True)
 
 
 def _step(layer, slots):

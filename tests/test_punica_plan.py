@@ -116,7 +116,7 @@ def test_float32_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(punica, "F32_CACHE_BYTES", 3 * per_slot)
     a, b = weights(torch.bfloat16, seed=5)
     for slot in range(SLOTS):
-        punica._fused_f32(a, b, slot)
+        punica._fused_f32(a, b, slot, R)
     assert punica._f32_bytes <= punica.F32_CACHE_BYTES and len(punica._F32) <= 3
     assert [(id(a[0]), s) in punica._F32 for s in range(SLOTS)] == [False, True, True, True]
 

