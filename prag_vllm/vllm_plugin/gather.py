@@ -86,7 +86,7 @@ def _transpose_all(m: _Mirror, b3: torch.Tensor) -> None:
     m.bt.copy_(b3.transpose(1, 2))
 
 
-def note_write(stacked_bs, index: int, versions_before: list[int]) -> None:
+def note_write(stacked_bs, index: int, versions_before) -> None:
     """Record that slot ``index`` of each of ``stacked_bs`` was just written; a mirror that
     had not seen every write before this one is left to re-transpose all slots."""
     for t, before in zip(stacked_bs, versions_before):
@@ -107,10 +107,9 @@ def _wrap(original, reset: bool):
     @functools.wraps(original)
     def write(self, index, *args, **kwargs):
         stacked_a, stacked = _stacked(self, "lora_a_stacked"), _stacked(self, "lora_b_stacked")
-        before = [t._version for t in stacked]
         before_all = ranks.versions(stacked_a, stacked)
         out = original(self, index, *args, **kwargs)
-        note_write(stacked, index, before)
+        note_write(stacked, index, before_all[len(stacked_a):])
         rank = 0 if reset else ranks.rank_of(args[0] if args else kwargs.get("lora_a"))
         ranks.note(stacked_a, stacked, index, rank, before_all)
         return out
@@ -152,8 +151,8 @@ def state() -> dict:
 
 def _shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, rank: int) -> torch.Tensor:
     """``(n, rank)`` float32: ``x[n] @ a[slots[n], :rank].T``; ``a`` is ``slots x [1 x] max_rank x in``
-    (``rank`` is sliced here, not by the caller: a view of fewer rows would be another
-    memory layout for dynamo, and compile again)."""
+    (dynamo compiles one graph for every ``rank`` below the slot size and another for a full
+    slot)."""
     return (_b3(a)[:, :rank][slots].float() * x.float().unsqueeze(1)).sum(-1)
 
 

@@ -117,7 +117,8 @@ def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:
 
 
 def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], slot: int,
-               rank: int) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+               rank: int, versions: tuple[int, ...] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
     """One slot's weights of one layer in float32, fused for a decode run: ``A`` is every
     slice's A stacked (``slices*rank x in``: one shrink matmul for all slices) and ``B`` the
     slices' B transposed and stacked (``slices x rank x out``: one batched expand), or a list
@@ -130,7 +131,8 @@ def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...
     weights that did not change."""
     global _f32_bytes
     key = (id(lora_a[0]), slot)
-    versions = ranks.versions(lora_a, lora_b)
+    if versions is None:
+        versions = ranks.versions(lora_a, lora_b)
     hit = _F32.get(key)
     if hit is not None and hit.owner() is lora_a[0] and hit.versions == versions and hit.rank == rank:
         _F32.move_to_end(key)
@@ -152,11 +154,11 @@ def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...
 
 def _apply_small_run(ys: torch.Tensor, xs: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
                      lora_b: tuple[torch.Tensor, ...], slot: int, rank: int, scale: float,
-                     output_slices: tuple[int, ...]) -> None:
+                     output_slices: tuple[int, ...], versions: tuple[int, ...] | None = None) -> None:
     """``ys[:, slice_i] += (xs @ A_i.T * scale) @ B_i.T`` for a few tokens of one slot, in
     float32 (on CPU a bf16 matmul with a handful of rows costs 2-5x the float32 one): one
     shrink for all slices, one batched expand, one add."""
-    a, b = _fused_f32(lora_a, lora_b, slot, rank)
+    a, b = _fused_f32(lora_a, lora_b, slot, rank, versions)
     n = xs.shape[0]
     h = torch.nn.functional.linear(xs.float(), a)  # (n, slices * rank)
     if scale != 1.0:
@@ -178,14 +180,15 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
         return
     dtype = x.dtype
     full = lora_a[0].shape[-2]
-    known = ranks.slot_ranks(lora_a, lora_b)  # None: not known, compute the full slot
+    versions = ranks.versions(lora_a, lora_b)  # once per layer call, for the ranks and the float32 cache
+    known = ranks.slot_ranks(lora_a, lora_b, versions)  # None: not known, compute the full slot
     for slot, start, end in plan.runs:
         rank = full if known is None else known[slot]
         if rank == 0:  # an empty slot (or a reset one): adds nothing
             continue
         xs, ys, offset = x[start:end], y[start:end], 0
         if end - start <= SMALL_RUN_TOKENS:
-            _apply_small_run(ys, xs, lora_a, lora_b, slot, rank, scale, output_slices)
+            _apply_small_run(ys, xs, lora_a, lora_b, slot, rank, scale, output_slices, versions)
             continue
         for a, b, size in zip(lora_a, lora_b, output_slices):
             h = torch.nn.functional.linear(xs, _slot(a, slot)[:rank].to(dtype))

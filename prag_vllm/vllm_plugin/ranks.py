@@ -72,9 +72,13 @@ def note(stacked_a: tuple[torch.Tensor, ...], stacked_b: tuple[torch.Tensor, ...
     entry.versions = versions(stacked_a, stacked_b)
 
 
-def slot_ranks(stacked_a: tuple[torch.Tensor, ...], stacked_b: tuple[torch.Tensor, ...]) -> list[int] | None:
-    """Rank of each slot of this layer, or None when not known (use the full rank)."""
+def slot_ranks(stacked_a: tuple[torch.Tensor, ...], stacked_b: tuple[torch.Tensor, ...],
+               current: tuple[int, ...] | None = None) -> list[int] | None:
+    """Rank of each slot of this layer, or None when not known (use the full rank);
+    ``current``: :func:`versions` of the tensors, if the caller has it already."""
     entry = _RANKS.get(id(stacked_a[0]))
-    if entry is None or entry.owner() is not stacked_a[0] or entry.versions != versions(stacked_a, stacked_b):
+    if current is None:
+        current = versions(stacked_a, stacked_b)
+    if entry is None or entry.owner() is not stacked_a[0] or entry.versions != current:
         return None
     return entry.ranks
