@@ -8,10 +8,32 @@ import sys
 from datetime import datetime, timezone
 
 
+def cpu_description() -> str:
+    """CPU model and the instruction sets CPU inference speed hinges on (bf16 matmuls are
+    native only with AVX512-BF16 or AMX): results from different CPUs are not comparable."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    isa = ""
+    try:
+        import torch
+
+        isa = torch.backends.cpu.get_cpu_capability()
+        extras = [name for name, probe in (("avx512-bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported"))
+                  if getattr(torch.cpu, probe, lambda: False)()]
+        isa += "".join(f"+{e}" for e in extras) if extras else " (no native bf16)"
+    except Exception:  # torch missing or too old: the model name alone
+        pass
+    return ", ".join(x for x in (model or platform.processor() or platform.machine(), isa) if x)
+
+
 def run_metadata() -> dict:
     """Command, UTC date and machine of this run."""
     return {"command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"}
+            "machine": f"{cpu_description()}, {os.cpu_count()} cores"}
 
 
 def synthetic_adapter(model_config, base_model: str, generator, r: int, alpha: float, a_std: float, b_std: float,

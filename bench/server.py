@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from prag_vllm.generate import resolve_dtype
 from common import run_metadata, synthetic_adapter
 
 MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
@@ -110,7 +111,7 @@ def wait_preloaded(base: str, timeout: float = 900) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto: bfloat16 where native, else float32")
     p.add_argument("--demo", default="runs/demo", help="demo workspace with trained adapters")
     p.add_argument("--fillers", type=int, default=120, help="invented documents (>= 3 x --sets)")
     p.add_argument("--sets", type=int, default=40, help="distinct 3-document sets merged cold")
@@ -132,7 +133,7 @@ def main() -> None:
     corpus, store, names = build_workspace(work, Path(args.demo), model_path, args.fillers)
     proc, base = start_server(args, corpus, store, work)
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
-    result = {"meta": run_metadata(), "model": model_path.name, "dtype": args.dtype}
+    result = {"meta": run_metadata(), "model": model_path.name, "dtype": resolve_dtype(args.dtype)}
     try:
         def ask(q: str, mode: str, max_tokens: int):
             t0 = time.perf_counter()

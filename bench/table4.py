@@ -46,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+from prag_vllm.generate import resolve_dtype
 from common import run_metadata, synthetic_adapter
 from server import pct, start_server, wait_preloaded
 from table4_report import render
@@ -169,7 +170,7 @@ def main() -> int:
     ap.add_argument("--augmented", default=None, help="augmentations of the retrieved documents (for da-rag)")
     ap.add_argument("--store", default="runs/table4/store", help="adapter store (missing adapters are synthesized)")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 where native, else float32")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-loras", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=128)
@@ -196,7 +197,7 @@ def main() -> int:
     model_path = Path(resolve_model(args.model))
     work = Path(args.work)
     questions, counts = prepare(args, model_path, work)
-    result = {"meta": run_metadata(), "model": model_path.name, "dtype": args.dtype, "data": str(args.data),
+    result = {"meta": run_metadata(), "model": model_path.name, "dtype": resolve_dtype(args.dtype), "data": str(args.data),
               "max_tokens": args.max_tokens, "max_loras": args.max_loras, "prefix_caching": False, "order": args.order,
               "preload_adapters": bool(args.preload_adapters),
               "stock_questions": min(args.stock_questions, args.questions), **counts, "configs": {}}

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--corpus", required=True, help="JSON Lines (id,title,text) or a HotpotQA/2Wiki JSON file")
         if model:
             sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local HF model directory")
-            sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+            sp.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                            help="auto: bfloat16 where native (AVX512-BF16/AMX/GPU), else float32")
             sp.add_argument("--max-model-len", type=_positive, default=4096)
         return sp
 

@@ -29,7 +29,7 @@ def _step(*argv: str) -> None:
     logger.info("demo step done in %.0f s", time.perf_counter() - t0)
 
 
-def run_demo(ws: Workspace, model: str, epochs: int, dtype: str = "bfloat16", answer: bool = True) -> int:
+def run_demo(ws: Workspace, model: str, epochs: int, dtype: str = "auto", answer: bool = True) -> int:
     """All steps; with ``answer=False`` only the offline ones (what ``make serve`` needs)."""
     from prag_vllm.pipeline import format_table, summarize
 

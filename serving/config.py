@@ -50,8 +50,9 @@ class ServerConfig:
     """Documents retrieved per request unless the request says otherwise."""
     max_top_k: int = 16
     """Largest top-k a request may ask for."""
-    dtype: str = "bfloat16"
-    """vLLM dtype (``float32`` for exactness checks)."""
+    dtype: str = "auto"
+    """vLLM dtype: ``bfloat16``, ``float32`` (exactness checks) or ``auto`` (bf16 where the
+    machine multiplies it natively, else float32)."""
     max_model_len: int = 4096
     """Longest prompt + completion in tokens; longer requests get a 400."""
     max_tokens_limit: int = 1024
@@ -117,6 +118,9 @@ class ServerConfig:
         for name in ("enable_lora", "enable_prefix_caching", "preload_adapters", "worker_merge"):
             if getattr(self, name) not in (0, 1):
                 raise InputError(f"{name} must be 0 or 1, got {getattr(self, name)}")
+        from prag_vllm.generate import resolve_dtype
+
+        resolve_dtype(self.dtype)
         if self.doc_cache_max_bytes <= 0:
             raise InputError("doc_cache_max_bytes must be positive")
         if self.retriever not in ("bm25", "elasticsearch"):

@@ -142,3 +142,44 @@ def test_small_runs_fused_float32(outs, n):
         offset += size
     torch.testing.assert_close(out.float(), want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
     assert torch.equal(out[0], y[0]) and torch.equal(out[-1], y[-1])  # rows without an adapter untouched
+
+
+@pytest.mark.parametrize("choice,native,want_f32", [("1", True, True), ("0", False, False),
+                                                     ("auto", False, True), ("auto", True, False)])
+def test_long_runs_in_float32_on_cpus_without_native_bf16(monkeypatch, choice, native, want_f32):
+    """Prefill-length bf16 runs compute in float32 (on the cached fused copies) when the CPU
+    has no native bf16 matmul or ``PRAG_LORA_RUNS_F32=1``; else in bf16 on views. Either
+    way the result matches the float32 math and rows without an adapter stay untouched."""
+    monkeypatch.setenv("PRAG_LORA_RUNS_F32", choice)
+    monkeypatch.setattr(punica, "native_bf16_cpu", lambda: native)
+    punica.runs_in_f32.cache_clear()
+    try:
+        assert punica.runs_in_f32(torch.bfloat16) is want_f32
+        assert punica.runs_in_f32(torch.float32) is False
+        a, b = weights(torch.bfloat16, seed=11)
+        g = torch.Generator().manual_seed(12)
+        n = 3 * punica.MIN_RUN_TOKENS
+        x = torch.randn(n + 1, IN, generator=g).to(torch.bfloat16)
+        y = torch.randn(n + 1, sum(OUTS), generator=g).to(torch.bfloat16)
+        plan = punica.make_plan(torch.tensor([3] * n + [-1]))
+        punica._F32.clear()
+        out = y.clone()
+        punica.apply_plan(plan, out, x, a, b, SCALE, OUTS)
+        assert ((id(a[0]), 3) in punica._F32) is want_f32, "the run took the other dtype path"
+        want, offset = y.float().clone(), 0
+        for ai, bi, size in zip(a, b, OUTS):
+            want[:n, offset:offset + size] += (x[:n].float() @ ai[3, 0].float().T * SCALE) @ bi[3, 0].float().T
+            offset += size
+        torch.testing.assert_close(out.float(), want.to(torch.bfloat16).float(), rtol=2e-2, atol=0.1)
+        assert torch.equal(out[-1], y[-1])
+    finally:
+        punica.runs_in_f32.cache_clear()
+
+
+def test_runs_f32_setting_is_checked(monkeypatch):
+    from prag_vllm.errors import InputError
+    from prag_vllm.vllm_plugin import settings
+
+    monkeypatch.setenv("PRAG_LORA_RUNS_F32", "yes please")
+    with pytest.raises(InputError, match="PRAG_LORA_RUNS_F32 must be one of auto, 1, 0"):
+        settings.check()

@@ -84,7 +84,8 @@ def add_eval_command(sub) -> None:
     sp.add_argument("--offline-only", action="store_true",
                     help="only augment and train (resumable chunks); answer in a later run without it")
     sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local HF model directory")
-    sp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    sp.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="auto: bfloat16 where native (AVX512-BF16/AMX/GPU), else float32")
     sp.add_argument("--max-model-len", type=_positive, default=4096)
 
 

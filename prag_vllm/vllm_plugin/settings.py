@@ -42,7 +42,33 @@ about 600 rank-2 FFN adapters of Qwen2.5-0.5B (1.7 MB each in bf16)."""
 BUSY_LOOP_S = Setting("PRAG_VLLM_BUSY_LOOP_S", 0.002, "seconds")
 """How long vLLM's shared-memory readers spin before they sleep (``idle``; vLLM's own: 1)."""
 
-ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One environment variable with a fixed set of values."""
+
+    name: str
+    default: str
+    choices: tuple[str, ...]
+
+    def get(self) -> str:
+        raw = os.environ.get(self.name)
+        if raw is None or raw.strip() == "":
+            return self.default
+        value = raw.strip().lower()
+        if value not in self.choices:
+            raise ValueError(f"{self.name} must be one of {', '.join(self.choices)}, got {raw!r}")
+        return value
+
+
+RUNS_F32 = Choice("PRAG_LORA_RUNS_F32", "auto", ("auto", "1", "0"))
+"""Compute adapter runs of half-precision models in float32 (``punica``): ``1`` always,
+``0`` only runs of a few tokens (decode), ``auto`` all runs when the CPU has no native
+bfloat16 matrix product (no AVX512-BF16 or AMX): there a bf16 product whose inner size is the
+rank was measured 4-16x slower than converting to float32."""
+
+ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S, RUNS_F32)
 
 
 def check() -> None:
