@@ -111,7 +111,7 @@ def runs_in_f32(dtype: torch.dtype) -> bool:
 
 
 F32_CACHE_BYTES = int(settings.F32_CACHE_MB.get() * (1 << 20))
-"""Bound of the float32 copies of slot weights kept for decode runs (LRU; ``PRAG_F32_CACHE_MB``)."""
+"""Bound of the float32 copies of slot weights kept for float32 runs (LRU; ``PRAG_F32_CACHE_MB``)."""
 
 
 class _Fused(NamedTuple):
@@ -140,7 +140,7 @@ def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:
 def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], slot: int,
                rank: int, versions: tuple[int, ...] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
-    """One slot's weights of one layer in float32, fused for a decode run: ``A`` is every
+    """One slot's weights of one layer in float32, fused for a float32 run: ``A`` is every
     slice's A stacked (``slices*rank x in``: one shrink matmul for all slices) and ``B`` the
     slices' B transposed and stacked (``slices x rank x out``: one batched expand), or a list
     of ``rank x out_i`` when the slices differ in width; only the slot's first ``rank`` rows

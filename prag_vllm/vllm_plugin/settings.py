@@ -35,7 +35,8 @@ class Setting:
 
 
 F32_CACHE_MB = Setting("PRAG_F32_CACHE_MB", 256, "MiB")
-"""Bound of the float32 copies of slot weights kept for decode runs (``punica``)."""
+"""Bound of the float32 copies of slot weights kept for float32 runs (``punica``: decode, and every run
+where ``PRAG_LORA_RUNS_F32`` says so)."""
 WORKER_ADAPTER_CACHE_MB = Setting("PRAG_WORKER_ADAPTER_CACHE_MB", 1024, "MiB")
 """Bound of the document adapters vLLM's worker keeps for merge manifests (``merged``):
 about 600 rank-2 FFN adapters of Qwen2.5-0.5B (1.7 MB each in bf16)."""
