@@ -21,9 +21,10 @@ def cpu_description() -> str:
     try:
         import torch
 
+        from prag_vllm.vllm_plugin.punica import native_bf16_features
+
+        extras = native_bf16_features()
         isa = torch.backends.cpu.get_cpu_capability()
-        extras = [name for name, probe in (("avx512-bf16", "_is_avx512_bf16_supported"), ("amx", "_is_amx_tile_supported"))
-                  if getattr(torch.cpu, probe, lambda: False)()]
         isa += "".join(f"+{e}" for e in extras) if extras else " (no native bf16)"
     except Exception:  # torch missing or too old: the model name alone
         pass

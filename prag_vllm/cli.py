@@ -158,6 +158,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prag_vllm.generate import DTYPES
     from prag_vllm.models import DEFAULT_MODEL
     from prag_vllm.offline_commands import add_parameterize_arguments, add_shard_argument
     from prag_vllm.parameterize import TrainConfig
@@ -175,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--corpus", required=True, help="JSON Lines (id,title,text) or a HotpotQA/2Wiki JSON file")
         if model:
             sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local HF model directory")
-            sp.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+            sp.add_argument("--dtype", default="auto", choices=DTYPES,
                             help="auto: bfloat16 where native (AVX512-BF16/AMX/GPU), else float32")
             sp.add_argument("--max-model-len", type=_positive, default=4096)
         return sp

@@ -191,10 +191,10 @@ class VLLMEngine:
 
         self.cfg = cfg
         t0 = time.perf_counter()
-        self.llm = LLM(**cfg.vllm_kwargs())
+        kwargs = cfg.vllm_kwargs()
+        self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        logger.info("vLLM engine ready in %.1f s (%s, %s)", time.perf_counter() - t0, cfg.model,
-                    resolve_dtype(cfg.dtype))
+        logger.info("vLLM engine ready in %.1f s (%s, %s)", time.perf_counter() - t0, cfg.model, kwargs["dtype"])
         self._lora_ids: dict[str, int] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="prag-null-lora-")
         self.null_adapter: Path | None = None

@@ -56,6 +56,7 @@ def add_eval_command(sub) -> None:
     from prag_vllm.augment import AugmentConfig
     from prag_vllm.cli import _modes, _positive, _top_k
     from prag_vllm.datasets import FORMATS
+    from prag_vllm.generate import DTYPES
     from prag_vllm.models import DEFAULT_MODEL
     from prag_vllm.parameterize import TrainConfig
 
@@ -84,7 +85,7 @@ def add_eval_command(sub) -> None:
     sp.add_argument("--offline-only", action="store_true",
                     help="only augment and train (resumable chunks); answer in a later run without it")
     sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local HF model directory")
-    sp.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+    sp.add_argument("--dtype", default="auto", choices=DTYPES,
                     help="auto: bfloat16 where native (AVX512-BF16/AMX/GPU), else float32")
     sp.add_argument("--max-model-len", type=_positive, default=4096)
 

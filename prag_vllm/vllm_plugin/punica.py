@@ -92,10 +92,18 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
     return StepPlan(kind, runs=long, rows=rows, slots=indices.index_select(0, rows).long(), slot_ids=slot_ids)
 
 
+_BF16_PROBES = {"avx512-bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+"""CPU features that make bfloat16 matrix products native -> torch's probe for each."""
+
+
+def native_bf16_features() -> list[str]:
+    """The features of :data:`_BF16_PROBES` this CPU has."""
+    return [name for name, probe in _BF16_PROBES.items() if getattr(torch.cpu, probe, lambda: False)()]
+
+
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return bool(native_bf16_features())
 
 
 @functools.cache

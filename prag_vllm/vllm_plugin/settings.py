@@ -44,7 +44,6 @@ BUSY_LOOP_S = Setting("PRAG_VLLM_BUSY_LOOP_S", 0.002, "seconds")
 """How long vLLM's shared-memory readers spin before they sleep (``idle``; vLLM's own: 1)."""
 
 
-
 @dataclass(frozen=True)
 class Choice:
     """One environment variable with a fixed set of values."""
