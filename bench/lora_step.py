@@ -5,8 +5,9 @@ Runs :func:`prag_vllm.vllm_plugin.punica.apply_plan` over every FFN LoRA layer o
 ``--max-rank`` wide, ``--requests`` + 1 slots), no engine, and reports ms per step:
 
 * ``decode 1 request``: one token, one adapter (the ``runs`` plan, float32 compute), with
-  the float32 slot copies cached (as served), and converted again every step (as before
-  the cache);
+  the float32 slot copies cached and resolved once per plan (as served), looked up at every
+  call (as before the per-plan programs), and converted again every step (as before the
+  cache);
 * ``decode N requests``: N tokens, N distinct adapters (the ``gather`` plan);
 * ``prefill``: one prompt of ``--prompt`` tokens with one adapter (``runs``, bf16).
 
@@ -25,10 +26,10 @@ from pathlib import Path
 from common import run_metadata
 
 
-def layers(cfg, slots: int, rank: int, gen):
+def layers(cfg, slots: int, rank: int, gen, dt):
     import torch
 
-    h, i, dt = cfg.hidden_size, cfg.intermediate_size, torch.bfloat16
+    h, i = cfg.hidden_size, cfg.intermediate_size
 
     def stack(rows, cols):
         return torch.randn(slots, 1, rows, cols, generator=gen).mul_(0.01).to(dt)
@@ -41,23 +42,25 @@ def layers(cfg, slots: int, rank: int, gen):
     return out
 
 
-def time_step(stack, plan, n_tokens: int, cfg, reps: int, clear_cache: bool) -> float:
+def time_step(stack, plan, n_tokens: int, cfg, reps: int, clear_cache: bool, programs: bool = True) -> float:
     import torch
 
     from prag_vllm.vllm_plugin import punica
 
-    x1, x2 = torch.randn(n_tokens, cfg.hidden_size).to(torch.bfloat16), torch.randn(
-        n_tokens, cfg.intermediate_size).to(torch.bfloat16)
-    y1 = torch.zeros(n_tokens, 2 * cfg.intermediate_size, dtype=torch.bfloat16)
-    y2 = torch.zeros(n_tokens, cfg.hidden_size, dtype=torch.bfloat16)
+    dt = stack[0][0][0][0].dtype
+    x1, x2 = torch.randn(n_tokens, cfg.hidden_size).to(dt), torch.randn(n_tokens, cfg.intermediate_size).to(dt)
+    y1 = torch.zeros(n_tokens, 2 * cfg.intermediate_size, dtype=dt)
+    y2 = torch.zeros(n_tokens, cfg.hidden_size, dtype=dt)
+
+    apply = punica.apply if programs and not clear_cache else punica.apply_plan
 
     def step():
         if clear_cache:
             punica._F32.clear()
             punica._f32_bytes = 0
         for (ga, gb, gs), (da, db, ds) in stack:
-            punica.apply_plan(plan, y1, x1, ga, gb, 1.0, gs)
-            punica.apply_plan(plan, y2, x2, da, db, 1.0, ds)
+            apply(plan, y1, x1, ga, gb, 1.0, gs)
+            apply(plan, y2, x2, da, db, 1.0, ds)
 
     for _ in range(3):
         step()
@@ -76,6 +79,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="the model's dtype: the slots' and activations' (engine dtype auto is float32 on a CPU "
+                         "without native bf16)")
     ap.add_argument("--out", default="runs/bench/lora_step")
     args = ap.parse_args()
     import torch
@@ -86,19 +92,22 @@ def main() -> int:
 
     cfg = AutoConfig.from_pretrained(resolve_model(args.model))
     slots = args.requests + 1
-    stack = layers(cfg, slots, args.max_rank, torch.Generator().manual_seed(0))
+    stack = layers(cfg, slots, args.max_rank, torch.Generator().manual_seed(0), getattr(torch, args.dtype))
     cases = [
         ("decode 1 request, float32 slot copies cached", punica.make_plan(torch.tensor([3])), 1, False),
+        ("decode 1 request, cached copies looked up at every call (no per-plan program)",
+         punica.make_plan(torch.tensor([3])), 1, False, False),
         ("decode 1 request, converted every step", punica.make_plan(torch.tensor([3])), 1, True),
         (f"decode {args.requests} requests, distinct adapters", punica.make_plan(torch.arange(args.requests)),
          args.requests, False),
         (f"prefill {args.prompt} tokens, one adapter", punica.make_plan(torch.full((args.prompt,), 3)), args.prompt,
          False),
     ]
-    rows = [(name, plan.kind, time_step(stack, plan, n, cfg, args.reps, clear)) for name, plan, n, clear in cases]
+    rows = [(name, plan.kind, time_step(stack, plan, n, cfg, args.reps, *flags)) for name, plan, n, *flags in cases]
     result = {"meta": run_metadata(), "model": args.model, "layers": cfg.num_hidden_layers, "max_rank": args.max_rank,
+              "dtype": args.dtype,
               "slots": slots, "rows": [{"case": n, "plan": k, "ms_per_step": ms} for n, k, ms in rows]}
-    table = "\n".join([f"# LoRA work per model step, op level — {args.model}, {result['meta']['machine']}, "
+    table = "\n".join([f"# LoRA work per model step, op level — {args.model} {args.dtype}, {result['meta']['machine']}, "
                        f"{result['meta']['date']}", "", f"`{result['meta']['command']}`", "",
                        "| case | plan | ms per step (median) |", "|---|---|---:|"]
                       + [f"| {n} | {k} | {ms:.2f} |" for n, k, ms in rows])

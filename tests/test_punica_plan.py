@@ -111,6 +111,30 @@ def test_float32_slot_copies_follow_writes_to_the_slots():
     assert not torch.equal(after, first) and (after - want).abs().max() < 0.05 * want.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_program_follows_writes_within_one_plan(dtype):
+    """A decode step resolves each layer once per plan (slot ranks, fused float32 copies) and
+    reuses it at the next steps; vLLM writing the slot while the plan stands (same token ->
+    slot mapping) must invalidate it."""
+    a, b = weights(dtype, seed=8)
+    g = torch.Generator().manual_seed(9)
+    x, y = torch.randn(1, IN, generator=g).to(dtype), torch.randn(1, sum(OUTS), generator=g).to(dtype)
+    wrapper, first = planned([2], x, y, a, b, prefill=False)
+    program = wrapper._prag_plan.programs[id(a[0])]
+    assert program and program.runs[0][:3] == (0, 1, R)  # resolved for this layer
+    again = y.clone()
+    wrapper.add_lora_linear(again, x, a, b, SCALE, OUTS)
+    assert torch.equal(again, first) and wrapper._prag_plan.programs[id(a[0])] is program  # reused
+    new_a, new_b = weights(dtype, seed=10)
+    for stacked, fresh in zip(a + b, new_a + new_b):
+        stacked[2] = fresh[2]  # in place, as vLLM's set_lora does, without a new mapping
+    after = y.clone()
+    wrapper.add_lora_linear(after, x, a, b, SCALE, OUTS)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.25)
+    torch.testing.assert_close(after.float(), reference(y, x, a, b, torch.tensor([2])).float(), **tol)
+    assert not torch.equal(after, first)
+
+
 def test_float32_cache_is_bounded(monkeypatch):
     per_slot = 4 * R * (len(OUTS) * IN + sum(OUTS))  # float32 A and B of every slice
     monkeypatch.setattr(punica, "F32_CACHE_BYTES", 3 * per_slot)

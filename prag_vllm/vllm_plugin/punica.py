@@ -15,7 +15,9 @@ vLLM updates the wrapper's metadata), and :func:`add_lora_linear` applies it:
   runs of a few tokens (decode) in float32 instead, with one shrink for all output slices
   and one batched expand, on cached fused copies of the slot's weights; on a CPU without
   native bfloat16 matrix products every run of a half-precision model in float32
-  (:func:`runs_in_f32`);
+  (:func:`runs_in_f32`). Float32 runs are resolved once per plan and layer (a
+  :class:`_Program`: ranks looked up, copies fetched), so a decode step's layer call is a
+  version check and two or three ops;
 * ``gather``: many short runs (decode with many distinct adapters) -> every token by
   its slot, with two compiled kernels per slice that read the slots in place
   (:mod:`prag_vllm.vllm_plugin.gather`);
@@ -62,6 +64,9 @@ class StepPlan:
     """Slot of each of those rows (``gather``, ``mixed``)."""
     slot_ids: tuple[int, ...] = ()
     """The distinct values of ``slots``."""
+    programs: dict = field(default_factory=dict, repr=False)
+    """id of a layer's first stacked ``A`` -> its :class:`_Program` for this plan (False: the
+    layer's runs do not all compute in float32 on cached copies)."""
 
 
 def make_plan(indices: torch.Tensor) -> StepPlan:
@@ -181,26 +186,79 @@ def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...
     return a, b
 
 
-def _apply_run_f32(ys: torch.Tensor, xs: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
-                   lora_b: tuple[torch.Tensor, ...], slot: int, rank: int, scale: float,
-                   output_slices: tuple[int, ...], versions: tuple[int, ...] | None = None) -> None:
-    """``ys[:, slice_i] += (xs @ A_i.T * scale) @ B_i.T`` for one run of one slot, in float32
-    (on CPU a bf16 matmul with a handful of rows costs 2-5x the float32 one): one shrink for
-    all slices; for a few tokens one batched expand and one add, else one expand per slice
-    added to its view of the output."""
-    a, b = _fused_f32(lora_a, lora_b, slot, rank, versions)
+def _run_f32(ys: torch.Tensor, xs: torch.Tensor, a: torch.Tensor, b: torch.Tensor | list[torch.Tensor],
+             rank: int, scale: float, output_slices: tuple[int, ...]) -> None:
+    """``ys[:, slice_i] += (xs @ A_i.T * scale) @ B_i.T`` for one run, in float32, on the fused
+    copies of :func:`_fused_f32`: one shrink for all slices; for a few tokens one batched
+    expand and one add, else one expand per slice added to its view of the output. A single
+    float32 token adds the expand into the output in place (no temporary)."""
     n = xs.shape[0]
-    h = torch.nn.functional.linear(xs.float(), a)  # (n, slices * rank)
+    h = torch.nn.functional.linear(xs if xs.dtype == torch.float32 else xs.float(), a)  # (n, slices * rank)
     if scale != 1.0:
         h.mul_(scale)
     if n <= SMALL_RUN_TOKENS and isinstance(b, torch.Tensor) and b.shape[0] * b.shape[2] == ys.shape[1]:
-        out = torch.bmm(h.view(n, len(output_slices), rank).transpose(0, 1), b)  # (slices, n, out)
+        slices = b.shape[0]
+        if n == 1 and ys.dtype == torch.float32 and ys.is_contiguous():
+            ys.view(slices, 1, -1).baddbmm_(h.view(slices, 1, rank), b)
+            return
+        out = torch.bmm(h.view(n, slices, rank).transpose(0, 1), b)  # (slices, n, out)
         ys += out.view(n, -1) if n == 1 else out.transpose(0, 1).reshape(n, -1)
         return
     offset = 0
     for i, size in enumerate(output_slices):
         ys[:, offset:offset + size] += h[:, i * rank:(i + 1) * rank] @ b[i]
         offset += size
+
+
+class _Program(NamedTuple):
+    """One layer's float32 runs of one plan, resolved once: slot ranks looked up, fused
+    copies fetched. Valid while the layer's stacked tensors keep their version counters."""
+
+    first_a: torch.Tensor
+    """The layer's first stacked ``A`` (identity check: ids can be reused)."""
+    versions: tuple[int, ...]
+    """:func:`ranks.versions` of the layer when it was resolved."""
+    runs: tuple[tuple[int, int, int, torch.Tensor, torch.Tensor | list[torch.Tensor]], ...]
+    """(start, end, rank, fused A, fused B) per run with a non-empty slot."""
+
+
+def _program(plan: StepPlan, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
+             versions: tuple[int, ...]) -> _Program | None:
+    """This layer's :class:`_Program` for ``plan``, or None when some of its runs do not
+    compute in float32 on cached copies (long bf16 runs on a CPU with native bf16, a
+    by-slot part)."""
+    if plan.slots is not None or not (runs_in_f32(x.dtype)
+                                      or all(end - start <= SMALL_RUN_TOKENS for _, start, end in plan.runs)):
+        return None
+    full = lora_a[0].shape[-2]
+    known = ranks.slot_ranks(lora_a, lora_b, versions)
+    runs = []
+    for slot, start, end in plan.runs:
+        rank = full if known is None else known[slot]
+        if rank > 0:  # an empty slot (or a reset one) adds nothing
+            runs.append((start, end, rank, *_fused_f32(lora_a, lora_b, slot, rank, versions)))
+    return _Program(lora_a[0], versions, tuple(runs))
+
+
+def _run_program(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+                 lora_b: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...]) -> bool:
+    """Apply ``plan`` through this layer's cached :class:`_Program` (a decode step: the few
+    ops of :func:`_run_f32`, no lookups); False when the layer has none (use :func:`apply_plan`)."""
+    key = id(lora_a[0])
+    program = plan.programs.get(key)
+    if program is False:
+        return False
+    versions = ranks.versions(lora_a, lora_b)
+    if program is None or program.first_a is not lora_a[0] or program.versions != versions:
+        program = _program(plan, x, lora_a, lora_b, versions)
+        plan.programs[key] = False if program is None else program
+        if program is None:
+            return False
+    n = x.shape[0]
+    for start, end, rank, a, b in program.runs:
+        whole = start == 0 and end == n
+        _run_f32(y if whole else y[start:end], x if whole else x[start:end], a, b, rank, scale, output_slices)
+    return True
 
 
 def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
@@ -219,7 +277,7 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
             continue
         xs, ys, offset = x[start:end], y[start:end], 0
         if end - start <= SMALL_RUN_TOKENS or f32:
-            _apply_run_f32(ys, xs, lora_a, lora_b, slot, rank, scale, output_slices, versions)
+            _run_f32(ys, xs, *_fused_f32(lora_a, lora_b, slot, rank, versions), rank, scale, output_slices)
             continue
         for a, b, size in zip(lora_a, lora_b, output_slices):
             h = torch.nn.functional.linear(xs, _slot(a, slot)[:rank].to(dtype))
@@ -231,6 +289,14 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
         rank = full if known is None else max((known[s] for s in plan.slot_ids), default=full)
         if rank > 0:
             gather.apply_gather(y, x, plan.rows, plan.slots, lora_a, lora_b, scale, output_slices, rank=rank)
+
+
+def apply(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+          lora_b: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...]) -> None:
+    """:func:`apply_plan`, through the layer's per-plan :class:`_Program` where it has one
+    (what the wrapper calls at every LoRA layer)."""
+    if not _run_program(plan, y, x, lora_a, lora_b, scale, output_slices):
+        apply_plan(plan, y, x, lora_a, lora_b, scale, output_slices)
 
 
 def install(wrapper_cls: type) -> None:
@@ -248,8 +314,9 @@ def install(wrapper_cls: type) -> None:
         plan = getattr(self, "_prag_plan", None)
         if plan is None:
             plan = self._prag_plan = make_plan(self.token_lora_indices)
-        apply_plan(plan, y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), tuple(lora_a_stacked),
-                   tuple(lora_b_stacked), scale, tuple(output_slices))
+        if plan.kind != "none":
+            apply(plan, y if y.dim() == 2 else y.view(-1, y.shape[-1]), x if x.dim() == 2 else x.view(-1, x.shape[-1]),
+                  tuple(lora_a_stacked), tuple(lora_b_stacked), scale, tuple(output_slices))
 
     wrapper_cls.update_metadata = planned_update_metadata
     wrapper_cls.add_lora_linear = add_lora_linear
