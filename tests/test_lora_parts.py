@@ -19,15 +19,14 @@ GARBAGE = 7.0
 class Layer:
     """What ``set_lora`` of vLLM's linear LoRA layers touches, without a model."""
 
-    def __init__(self, fan_in: int, outs: list[int], max_rank: int = 8, slots: int = 3):
+    def __init__(self, fan_in: int, outs: list[int], max_rank: int = 8, slots: int = 3,
+                 dtype: torch.dtype = torch.bfloat16):
         from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
 
         self._reset = BaseLinearLayerWithLoRA.reset_lora
         self.n_slices, self.tp_size = len(outs), 1
-        self.lora_a_stacked = tuple(torch.full((slots, 1, max_rank, fan_in), GARBAGE, dtype=torch.bfloat16)
-                                    for _ in outs)
-        self.lora_b_stacked = tuple(torch.full((slots, 1, out, max_rank), GARBAGE, dtype=torch.bfloat16)
-                                    for out in outs)
+        self.lora_a_stacked = tuple(torch.full((slots, 1, max_rank, fan_in), GARBAGE, dtype=dtype) for _ in outs)
+        self.lora_b_stacked = tuple(torch.full((slots, 1, out, max_rank), GARBAGE, dtype=dtype) for out in outs)
 
     def reset_lora(self, index):
         self._reset(self, index)
@@ -42,19 +41,32 @@ def _vllm_set_lora(n_slices: int):
     return inspect.unwrap(fn)  # under the plugin's wrappers (parts, gather)
 
 
-def _factors(fan_in: int, out: int, ranks: list[int], seed: int):
+DTYPES = {  # parts' dtype -> slots' dtype, and whether B parts are column-major (as the worker's cache keeps them)
+    "f32-into-bf16": (torch.float32, torch.bfloat16, False),
+    "bf16-into-f32-column-major": (torch.bfloat16, torch.float32, True),
+    "bf16-into-bf16-column-major": (torch.bfloat16, torch.bfloat16, True),
+}
+
+
+def _factors(fan_in: int, out: int, ranks: list[int], seed: int, dtypes=DTYPES["f32-into-bf16"]):
+    """Parts of one slice's A and B, converted on copy where the slot's dtype differs."""
+    part, slot, column_major = dtypes
     g = torch.Generator().manual_seed(seed)
-    a = [torch.randn(r, fan_in, generator=g) for r in ranks]  # float32 parts into bf16 slots: converted on copy
-    b = [torch.randn(out, r, generator=g) for r in ranks]
-    return RankParts(a, 0, torch.bfloat16), RankParts(b, 1, torch.bfloat16)
+    a = [torch.randn(r, fan_in, generator=g).to(part) for r in ranks]
+    b = [torch.randn(out, r, generator=g).to(part) for r in ranks]
+    if column_major:
+        b = [x.t().contiguous().t() for x in b]
+    return RankParts(a, 0, slot), RankParts(b, 1, slot)
 
 
+@pytest.mark.parametrize("dtypes", list(DTYPES))
 @pytest.mark.parametrize("outs", [[48], [40, 40], [40, None]], ids=["one-slice", "gate-up", "gate-only"])
 @pytest.mark.parametrize("ranks", [[2, 2, 2], [1, 3], [2, 2, 2, 2]])
-def test_slots_written_from_parts_equal_vllm_set_lora_of_the_concatenation(outs, ranks):
-    fan_in, index = 32, 1
-    pa, pb = zip(*[_factors(fan_in, out or 40, ranks, seed=i) for i, out in enumerate(outs)])
-    mine, theirs = Layer(fan_in, [o or 40 for o in outs]), Layer(fan_in, [o or 40 for o in outs])
+def test_slots_written_from_parts_equal_vllm_set_lora_of_the_concatenation(outs, ranks, dtypes):
+    fan_in, index, slot_dtype = 32, 1, DTYPES[dtypes][1]
+    pa, pb = zip(*[_factors(fan_in, out or 40, ranks, seed=i, dtypes=DTYPES[dtypes]) for i, out in enumerate(outs)])
+    mine = Layer(fan_in, [o or 40 for o in outs], dtype=slot_dtype)
+    theirs = Layer(fan_in, [o or 40 for o in outs], dtype=slot_dtype)
     if len(outs) == 1:
         a, b = pa[0], pb[0]
     else:  # None: the packed layer has no LoRA for that projection (vLLM zeroes its slot)

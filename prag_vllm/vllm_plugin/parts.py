@@ -133,7 +133,12 @@ def _fill(slot: torch.Tensor, factor, dim: int) -> None:
     if pad:
         shape = (pad, slot.shape[1]) if dim == 0 else (slot.shape[0], pad)
         pieces = [*pieces, _zeros(*shape, pieces[0].dtype, pieces[0].device)]
-    torch.cat(pieces, dim=dim, out=slot)
+    if all(p.dtype == slot.dtype for p in pieces):
+        torch.cat(pieces, dim=dim, out=slot)
+    elif dim == 0:  # a float32 engine's slot from bf16 documents: concatenated, then converted in one copy
+        slot.copy_(torch.cat(pieces, dim=0))
+    else:  # B: rank columns as rows (contiguous for column-major parts), converted in one transposing copy
+        slot.copy_(torch.cat([p.t() for p in pieces], dim=0).t())
 
 
 def set_lora_by_parts(layer, index: int, lora_a, lora_b) -> bool:
