@@ -107,8 +107,9 @@ def main() -> int:
     result = {"meta": run_metadata(), "model": args.model, "layers": cfg.num_hidden_layers, "max_rank": args.max_rank,
               "dtype": args.dtype,
               "slots": slots, "rows": [{"case": n, "plan": k, "ms_per_step": ms} for n, k, ms in rows]}
-    table = "\n".join([f"# LoRA work per model step, op level — {args.model} {args.dtype}, {result['meta']['machine']}, "
-                       f"{result['meta']['date']}", "", f"`{result['meta']['command']}`", "",
+    meta = result["meta"]
+    table = "\n".join([f"# LoRA work per model step, op level — {args.model} {args.dtype}, {meta['machine']}, "
+                       f"{meta['date']}", "", f"`{result['meta']['command']}`", "",
                        "| case | plan | ms per step (median) |", "|---|---|---:|"]
                       + [f"| {n} | {k} | {ms:.2f} |" for n, k, ms in rows])
     print(table)
