@@ -210,6 +210,23 @@ def _run_f32(ys: torch.Tensor, xs: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         offset += size
 
 
+def _computes_f32(start: int, end: int, f32: bool) -> bool:
+    """Whether the run ``start:end`` computes in float32 on the fused copies: a few tokens
+    (decode) always, longer ones where :func:`runs_in_f32` (``f32``) says so."""
+    return end - start <= SMALL_RUN_TOKENS or f32
+
+
+def _ranked_runs(plan: StepPlan, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
+                 versions: tuple[int, ...]) -> tuple[list[tuple[int, int, int, int]], list[int] | None]:
+    """(slot, start, end, rank) of each of ``plan``'s runs whose slot holds something (an empty
+    or reset slot adds nothing), and the layer's slot ranks (None: not known, the full slot
+    rank is used)."""
+    full = lora_a[0].shape[-2]
+    known = ranks.slot_ranks(lora_a, lora_b, versions)
+    runs = [(slot, start, end, full if known is None else known[slot]) for slot, start, end in plan.runs]
+    return [run for run in runs if run[3] > 0], known
+
+
 class _Program(NamedTuple):
     """One layer's float32 runs of one plan, resolved once: slot ranks looked up, fused
     copies fetched. Valid while the layer's stacked tensors keep their version counters."""
@@ -227,17 +244,12 @@ def _program(plan: StepPlan, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...], 
     """This layer's :class:`_Program` for ``plan``, or None when some of its runs do not
     compute in float32 on cached copies (long bf16 runs on a CPU with native bf16, a
     by-slot part)."""
-    if plan.slots is not None or not (runs_in_f32(x.dtype)
-                                      or all(end - start <= SMALL_RUN_TOKENS for _, start, end in plan.runs)):
+    f32 = runs_in_f32(x.dtype)
+    if plan.slots is not None or not all(_computes_f32(start, end, f32) for _, start, end in plan.runs):
         return None
-    full = lora_a[0].shape[-2]
-    known = ranks.slot_ranks(lora_a, lora_b, versions)
-    runs = []
-    for slot, start, end in plan.runs:
-        rank = full if known is None else known[slot]
-        if rank > 0:  # an empty slot (or a reset one) adds nothing
-            runs.append((start, end, rank, *_fused_f32(lora_a, lora_b, slot, rank, versions)))
-    return _Program(lora_a[0], versions, tuple(runs))
+    runs, _ = _ranked_runs(plan, lora_a, lora_b, versions)
+    return _Program(lora_a[0], versions, tuple((start, end, rank, *_fused_f32(lora_a, lora_b, slot, rank, versions))
+                                               for slot, start, end, rank in runs))
 
 
 def _run_program(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
@@ -267,16 +279,12 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
     if plan.kind == "none":
         return
     dtype = x.dtype
-    full = lora_a[0].shape[-2]
     versions = ranks.versions(lora_a, lora_b)  # once per layer call, for the ranks and the float32 cache
-    known = ranks.slot_ranks(lora_a, lora_b, versions)  # None: not known, compute the full slot
+    runs, known = _ranked_runs(plan, lora_a, lora_b, versions)
     f32 = runs_in_f32(dtype)
-    for slot, start, end in plan.runs:
-        rank = full if known is None else known[slot]
-        if rank == 0:  # an empty slot (or a reset one): adds nothing
-            continue
+    for slot, start, end, rank in runs:
         xs, ys, offset = x[start:end], y[start:end], 0
-        if end - start <= SMALL_RUN_TOKENS or f32:
+        if _computes_f32(start, end, f32):
             _run_f32(ys, xs, *_fused_f32(lora_a, lora_b, slot, rank, versions), rank, scale, output_slices)
             continue
         for a, b, size in zip(lora_a, lora_b, output_slices):
@@ -286,6 +294,7 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
             ys[:, offset:offset + size].addmm_(h, _slot(b, slot)[:, :rank].to(dtype).t(), alpha=scale)
             offset += size
     if plan.slots is not None:
+        full = lora_a[0].shape[-2]
         rank = full if known is None else max((known[s] for s in plan.slot_ids), default=full)
         if rank > 0:
             gather.apply_gather(y, x, plan.rows, plan.slots, lora_a, lora_b, scale, output_slices, rank=rank)
