@@ -57,7 +57,6 @@ def time_step(stack, plan, n_tokens: int, cfg, reps: int, clear_cache: bool, pro
     def step():
         if clear_cache:
             punica._F32.clear()
-            punica._f32_bytes = 0
         for (ga, gb, gs), (da, db, ds) in stack:
             apply(plan, y1, x1, ga, gb, 1.0, gs)
             apply(plan, y2, x2, da, db, 1.0, ds)

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from prag_vllm.generate import resolve_dtype
 from common import run_metadata, synthetic_adapter
 
 MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
@@ -84,14 +83,22 @@ def start_server(args, corpus: Path, store: Path, work: Path, extra: list[str] =
         if proc.poll() is not None:
             raise SystemExit(f"server exited: see {work / 'server.log'}")
         try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                print(f"server up in {time.time() - t0:.0f} s")
+            health = httpx.get(base + "/health", timeout=2)
+            if health.status_code == 200:
+                print(f"server up in {time.time() - t0:.0f} s: {health.json()['engine']}")
                 return proc, base
         except httpx.HTTPError:
             pass
         time.sleep(1)
     proc.kill()
     raise SystemExit("server did not start")
+
+
+def server_engine(base: str) -> dict:
+    """What the server says it runs (``GET /health``): ``dtype`` (resolved) and ``lora_ops``."""
+    import httpx
+
+    return httpx.get(base + "/health", timeout=10).json()["engine"]
 
 
 def wait_preloaded(base: str, timeout: float = 900) -> dict:
@@ -133,7 +140,7 @@ def main() -> None:
     corpus, store, names = build_workspace(work, Path(args.demo), model_path, args.fillers)
     proc, base = start_server(args, corpus, store, work)
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
-    result = {"meta": run_metadata(), "model": model_path.name, "dtype": resolve_dtype(args.dtype)}
+    result = {"meta": run_metadata(), "model": model_path.name, **server_engine(base)}
     try:
         def ask(q: str, mode: str, max_tokens: int):
             t0 = time.perf_counter()
@@ -174,7 +181,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    lines = [f"Server bench — {result['model']} {args.dtype}, {result['meta']['machine']}, {result['meta']['date']}",
+    lines = [f"Server bench — {result['model']} {result['dtype']}, {result['meta']['machine']}, {result['meta']['date']}",
              f"`{result['meta']['command']}`", "",
              "| adapter ready (ids -> loaded in vLLM) | n | p50 ms | p95 ms | mean ms |", "|---|---:|---:|---:|---:|"]
     for ph, v in result["adapter_ready_ms"].items():

@@ -46,9 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-from prag_vllm.generate import resolve_dtype
 from common import run_metadata, synthetic_adapter
-from server import pct, start_server, wait_preloaded
+from server import pct, server_engine, start_server, wait_preloaded
 from table4_report import render
 
 MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
@@ -197,7 +196,7 @@ def main() -> int:
     model_path = Path(resolve_model(args.model))
     work = Path(args.work)
     questions, counts = prepare(args, model_path, work)
-    result = {"meta": run_metadata(), "model": model_path.name, "dtype": resolve_dtype(args.dtype), "data": str(args.data),
+    result = {"meta": run_metadata(), "model": model_path.name, "dtype": None, "data": str(args.data),
               "max_tokens": args.max_tokens, "max_loras": args.max_loras, "prefix_caching": False, "order": args.order,
               "preload_adapters": bool(args.preload_adapters),
               "stock_questions": min(args.stock_questions, args.questions), **counts, "configs": {}}
@@ -216,6 +215,10 @@ def main() -> int:
         proc, base = start_server(server_args, work / "corpus.jsonl", Path(args.store), run_dir, extra=extra,
                                   env={**os.environ, **env})
         try:
+            engine = result["configs"].setdefault(name, {})["engine"] = server_engine(base)
+            if result["dtype"] not in (None, engine["dtype"]):
+                raise SystemExit(f"server {name} runs {engine['dtype']}, an earlier one {result['dtype']}")
+            result["dtype"] = engine["dtype"]
             if args.preload_adapters and name != "no-lora":
                 result["configs"].setdefault(name, {})["preload"] = wait_preloaded(base)
             modes = ["closed-book"] if name == "no-lora" else args.stock_modes.split(",") if name == "stock" else args.modes

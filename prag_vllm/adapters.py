@@ -184,8 +184,11 @@ class LoraAdapter:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, verify: bool = True) -> LoraAdapter:
-        """Read and validate a PEFT adapter directory; raise :class:`AdapterError` if it is bad."""
+    def load(cls, directory: str | os.PathLike) -> LoraAdapter:
+        """Read and validate a PEFT adapter directory; raise :class:`AdapterError` if it is bad.
+
+        The weights are always hashed: the sha256 is checked against ``prag_meta.json`` when
+        that records one, and it is the adapter's identity in merge manifests (:attr:`source`)."""
         directory = Path(directory)
         cfg_path, w_path, meta_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE, directory / META_FILE
         if not cfg_path.is_file() or not w_path.is_file():
@@ -201,7 +204,7 @@ class LoraAdapter:
         except OSError as exc:
             raise AdapterError(f"{w_path}: unreadable ({exc})") from None
         sha = hashlib.sha256(raw).hexdigest()
-        if verify and meta.get("sha256") and sha != meta["sha256"]:
+        if meta.get("sha256") and sha != meta["sha256"]:
             raise AdapterError(f"{w_path}: checksum mismatch (corrupt or modified adapter)")
         adapter = cls.from_bytes(raw, r, alpha, where=str(w_path))
         adapter.base_model = str(meta.get("base_model", cfg.get("base_model_name_or_path") or ""))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from prag_vllm.adapters import AdapterStore, LoraAdapter
 from prag_vllm.errors import AdapterError
+from prag_vllm.lru import ByteLRU
 from prag_vllm.merge import merge_adapters, merged_key, write_merge_manifest
 
 logger = logging.getLogger(__name__)
@@ -75,9 +76,7 @@ class DocAdapterCache:
         self.model_id = model_id
         """Identity of the served model (:func:`prag_vllm.adapters.model_identity`); adapters
         stamped with another one are rejected."""
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[LoraAdapter, int]] = OrderedDict()
-        self._bytes = 0
+        self._items: ByteLRU[str, LoraAdapter] = ByteLRU(max_bytes)
         self.rejected: dict[str, str] = {}
         """Document id -> why its adapter is unusable."""
         self._lock = threading.Lock()
@@ -91,12 +90,11 @@ class DocAdapterCache:
 
     def get(self, doc_id: str) -> LoraAdapter | None:
         """The validated adapter, or None if there is none or it is unusable (logged once)."""
-        with self._lock:
-            if doc_id in self._items:
-                self._items.move_to_end(doc_id)
-                return self._items[doc_id][0]
-            if doc_id in self.rejected:
-                return None
+        adapter = self._items.get(doc_id)
+        if adapter is not None:
+            return adapter
+        if doc_id in self.rejected:
+            return None
         if not self.store.has(doc_id):
             return None
         try:
@@ -114,23 +112,14 @@ class DocAdapterCache:
             nbytes = sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
         else:
             adapter.weights, nbytes = {}, RECORD_BYTES
-        with self._lock:
-            if doc_id in self._items:  # another thread read it meanwhile
-                return self._items[doc_id][0]
-            self._items[doc_id] = (adapter, nbytes)
-            self._bytes += nbytes
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, (_, n) = self._items.popitem(last=False)
-                self._bytes -= n
-        return adapter
+        return self._items.setdefault(doc_id, adapter, nbytes)  # another thread may have read it meanwhile
 
 
     def get_many(self, doc_ids: list[str]) -> list[LoraAdapter | None]:
         """:meth:`get` for several documents; those not in memory are read in parallel.
         File reads and hashing release the GIL; ``safetensors.torch.load`` holds it (py-spy),
         so on this 2-core machine the gain over one thread is small."""
-        with self._lock:
-            cold = sum(i not in self._items for i in doc_ids)
+        cold = sum(i not in self._items for i in doc_ids)
         if cold <= 1:
             return [self.get(i) for i in doc_ids]
         if self._pool is None:
@@ -167,9 +156,9 @@ class DocAdapterCache:
             pending.clear()
 
         for doc_id in doc_ids:
-            with self._lock:  # stop when one more (of the average size) would evict what was just read
-                if self._items and self._bytes * (len(self._items) + 1) / len(self._items) > self.max_bytes:
-                    break
+            # stop when one more (of the average size) would evict what was just read
+            if len(self._items) and not self._items.fits(self._items.nbytes // len(self._items)):
+                break
             adapter = self.get(doc_id)
             if adapter is not None:
                 n += 1
@@ -180,22 +169,23 @@ class DocAdapterCache:
                     send()
         send()
         self.preload_state["running"] = False
-        logger.info("preloaded %d document adapters (%.1f MiB) in %.1f s%s", n, self._bytes / 2**20,
+        logger.info("preloaded %d document adapters (%.1f MiB) in %.1f s%s", n, self._items.nbytes / 2**20,
                     time.perf_counter() - t0, "" if self.preload_state["worker_documents"] is None else
                     f"; {self.preload_state['worker_documents']} in vLLM's worker")
         return None
 
     def forget(self, doc_ids) -> None:
         """Drop ``doc_ids`` from memory (their files changed): the next :meth:`get` reads and validates them again."""
-        with self._lock:
-            for doc_id in doc_ids:
-                item = self._items.pop(doc_id, None)
-                if item is not None:
-                    self._bytes -= item[1]
+        for doc_id in doc_ids:
+            self._items.pop(doc_id)
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._items.nbytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._items.max_bytes
 
     def __len__(self) -> int:
         return len(self._items)

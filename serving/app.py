@@ -144,7 +144,8 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
         s = holder.get("svc")
         if s is None or not s.engine.healthy:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok", "preload": s.docs.preload_state}
+        return {"status": "ok", "engine": {"dtype": s.engine.dtype, "lora_ops": s.engine.lora_ops},
+                "preload": s.docs.preload_state}
 
     @app.get("/metrics")
     async def metrics():

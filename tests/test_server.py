@@ -183,6 +183,12 @@ def test_preloaded_document_adapters(server):
     assert state["running"] is False and state["documents"] == usable and state["worker_documents"] == 1
 
 
+def test_health_says_what_the_engine_runs(server):
+    """/health names the dtype vLLM runs (``auto`` resolved) and the LoRA ops serving
+    adapters, so benchmarks record what actually ran."""
+    assert httpx.get(server["base"] + "/health").json()["engine"] == {"dtype": "float32", "lora_ops": "grouped"}
+
+
 @pytest.mark.parametrize("mode", ["closed-book", "parametric"])
 def test_ignore_eos_and_min_tokens_fix_the_length(client, mode):
     """vLLM's sampling extensions: ignore_eos gives exactly max_tokens, min_tokens a floor."""

@@ -25,11 +25,10 @@ import functools
 import hashlib
 import logging
 import os
-import threading
-from collections import OrderedDict
 
 from prag_vllm.adapters import PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter, WeightsSource, read_weights
 from prag_vllm.errors import AdapterError
+from prag_vllm.lru import ByteLRU
 from prag_vllm.merge import MANIFEST_FILE, check_mergeable, folded, read_manifest
 from prag_vllm.vllm_plugin import settings
 from prag_vllm.vllm_plugin.parts import RankParts
@@ -38,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def cache_bytes_from_env() -> int:
     """``PRAG_WORKER_ADAPTER_CACHE_MB`` in bytes."""
-    return int(settings.WORKER_ADAPTER_CACHE_MB.get() * 2**20)
+    return settings.WORKER_ADAPTER_CACHE_MB.bytes()
 
 
 
@@ -55,18 +54,18 @@ class PartCache:
     (:func:`prag_vllm.merge.folded`), least recently used first out; thread-safe."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[LoraAdapter, int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._items: ByteLRU[str, LoraAdapter] = ByteLRU(max_bytes)
         self.hits = self.misses = self.hashed = 0
 
+    @property
+    def max_bytes(self) -> int:
+        return self._items.max_bytes
+
     def load(self, source: WeightsSource, r: int, alpha: float) -> LoraAdapter:
-        with self._lock:
-            if source.sha256 in self._items:
-                self._items.move_to_end(source.sha256)
-                self.hits += 1
-                return self._items[source.sha256][0]
+        adapter = self._items.get(source.sha256)
+        if adapter is not None:
+            self.hits += 1
+            return adapter
         try:
             raw, st = read_weights(source.path)
         except OSError as exc:
@@ -77,16 +76,8 @@ class PartCache:
                 raise AdapterError(f"document adapter {source.path} changed after the server validated it "
                                    f"(sha256 differs from the merge manifest)")
         adapter = column_major_b(folded(LoraAdapter.from_bytes(raw, r, alpha, where=source.path)))
-        nbytes = len(raw)
-        with self._lock:
-            self.misses += 1
-            if nbytes <= self.max_bytes and source.sha256 not in self._items:
-                self._items[source.sha256] = (adapter, nbytes)
-                self._bytes += nbytes
-                while self._bytes > self.max_bytes:
-                    _, (_, n) = self._items.popitem(last=False)
-                    self._bytes -= n
-        return adapter
+        self.misses += 1
+        return self._items.setdefault(source.sha256, adapter, len(raw))
 
     def preload(self, parts: list[tuple[WeightsSource, int, float]]) -> int:
         """Read ``parts`` not cached yet while they fit without evicting anything; returns
@@ -94,10 +85,9 @@ class PartCache:
         report it)."""
         n = 0
         for source, r, alpha in parts:
-            with self._lock:
-                cached = source.sha256 in self._items
-                if not cached and self._bytes + source.size > self.max_bytes:
-                    break
+            cached = source.sha256 in self._items
+            if not cached and not self._items.fits(source.size):
+                break
             if not cached:
                 try:
                     self.load(source, r, alpha)
@@ -109,7 +99,7 @@ class PartCache:
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._items.nbytes
 
     def __len__(self) -> int:
         return len(self._items)

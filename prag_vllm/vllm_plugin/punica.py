@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
+from prag_vllm.lru import ByteLRU
 from prag_vllm.vllm_plugin import gather, ranks, settings
 
 MAX_RUNS = 4
@@ -123,8 +123,6 @@ def runs_in_f32(dtype: torch.dtype) -> bool:
     return choice == "1" or (choice == "auto" and not (dtype == torch.bfloat16 and native_bf16_cpu()))
 
 
-F32_CACHE_BYTES = int(settings.F32_CACHE_MB.get() * (1 << 20))
-"""Bound of the float32 copies of slot weights kept for float32 runs (LRU; ``PRAG_F32_CACHE_MB``)."""
 
 
 class _Fused(NamedTuple):
@@ -138,12 +136,11 @@ class _Fused(NamedTuple):
     """Rows of the slot's ``A`` it holds (:mod:`.ranks`)."""
     a: torch.Tensor
     b: torch.Tensor | list[torch.Tensor]
-    nbytes: int
 
 
-_F32: OrderedDict[tuple[int, int], _Fused] = OrderedDict()
-"""(id of the layer's first stacked tensor, slot) -> its fused float32 weights (LRU)."""
-_f32_bytes = 0
+_F32: ByteLRU[tuple[int, int], _Fused] = ByteLRU(settings.F32_CACHE_MB.bytes())
+"""(id of the layer's first stacked tensor, slot) -> its fused float32 weights (bound:
+``PRAG_F32_CACHE_MB``)."""
 
 
 def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:
@@ -159,30 +156,21 @@ def _fused_f32(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...
     of ``rank x out_i`` when the slices differ in width; only the slot's first ``rank`` rows
     of A (columns of B): the rest is zero padding.
 
-    Cached (LRU, ``F32_CACHE_BYTES``), keyed by the layer's first stacked tensor and the slot
+    Cached (:data:`_F32`), keyed by the layer's first stacked tensor and the slot
     and checked against every stacked tensor's version counter: any write to the slots (vLLM
     activating another adapter) bumps it, so a decode step neither converts nor re-fuses
     weights that did not change."""
-    global _f32_bytes
     key = (id(lora_a[0]), slot)
     if versions is None:
         versions = ranks.versions(lora_a, lora_b)
     hit = _F32.get(key)
     if hit is not None and hit.owner() is lora_a[0] and hit.versions == versions and hit.rank == rank:
-        _F32.move_to_end(key)
         return hit.a, hit.b
     a = torch.cat([_slot(t, slot)[:rank] for t in lora_a]).float()
     bs = [_slot(t, slot)[:, :rank].t().float() for t in lora_b]
     b = torch.stack(bs) if len({x.shape for x in bs}) == 1 else [x.contiguous() for x in bs]
     nbytes = 4 * (a.numel() + sum(x.numel() for x in bs))
-    if hit is not None:
-        _f32_bytes -= hit.nbytes
-    _F32[key] = _Fused(weakref.ref(lora_a[0]), versions, rank, a, b, nbytes)
-    _F32.move_to_end(key)
-    _f32_bytes += nbytes
-    while _f32_bytes > F32_CACHE_BYTES and len(_F32) > 1:
-        _, old = _F32.popitem(last=False)
-        _f32_bytes -= old.nbytes
+    _F32.put(key, _Fused(weakref.ref(lora_a[0]), versions, rank, a, b), nbytes)
     return a, b
 
 

@@ -33,6 +33,12 @@ class Setting:
             raise ValueError(f"{self.name} must be a number of {self.unit} >= 0, got {raw!r}")
         return value
 
+    def bytes(self) -> int:
+        """The value in bytes (a setting in MiB)."""
+        if self.unit != "MiB":
+            raise TypeError(f"{self.name} counts {self.unit}, not MiB")
+        return int(self.get() * 2**20)
+
 
 F32_CACHE_MB = Setting("PRAG_F32_CACHE_MB", 256, "MiB")
 """Bound of the float32 copies of slot weights kept for float32 runs (``punica``: decode, and every run
