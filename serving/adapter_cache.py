@@ -156,8 +156,8 @@ class DocAdapterCache:
             pending.clear()
 
         for doc_id in doc_ids:
-            # stop when one more (of the average size) would evict what was just read
-            if len(self._items) and not self._items.fits(self._items.nbytes // len(self._items)):
+            held = len(self._items)  # stop when one more (of the average size) would evict what was just read
+            if held and not self._items.fits(self._items.nbytes // held):
                 break
             adapter = self.get(doc_id)
             if adapter is not None:

@@ -40,7 +40,6 @@ def cache_bytes_from_env() -> int:
     return settings.WORKER_ADAPTER_CACHE_MB.bytes()
 
 
-
 def column_major_b(adapter: LoraAdapter) -> LoraAdapter:
     """``adapter`` with every B (``out x rank``) stored column-major: the same values, but a
     slot write (:func:`.parts._fill`) then reads each document's rank columns as contiguous
@@ -49,9 +48,11 @@ def column_major_b(adapter: LoraAdapter) -> LoraAdapter:
     adapter.weights = {m: (a, b.t().contiguous().t()) for m, (a, b) in adapter.weights.items()}
     return adapter
 
+
 class PartCache:
     """Document adapters by sha256, with their scaling folded into B
-    (:func:`prag_vllm.merge.folded`), least recently used first out; thread-safe."""
+    (:func:`prag_vllm.merge.folded`), least recently used first out; thread-safe (the
+    ``hits``/``misses``/``hashed`` counters are statistics, not locked)."""
 
     def __init__(self, max_bytes: int):
         self._items: ByteLRU[str, LoraAdapter] = ByteLRU(max_bytes)

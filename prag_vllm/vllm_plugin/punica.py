@@ -123,8 +123,6 @@ def runs_in_f32(dtype: torch.dtype) -> bool:
     return choice == "1" or (choice == "auto" and not (dtype == torch.bfloat16 and native_bf16_cpu()))
 
 
-
-
 class _Fused(NamedTuple):
     """Cached float32 weights of one layer's slot (see :func:`_fused_f32`)."""
 
