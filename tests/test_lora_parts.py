@@ -41,7 +41,10 @@ def _vllm_set_lora(n_slices: int):
     return inspect.unwrap(fn)  # under the plugin's wrappers (parts, gather)
 
 
-DTYPES = {  # parts' dtype -> slots' dtype, and whether B parts are column-major (as the worker's cache keeps them)
+DTYPES = {  # parts' dtype -> slots' dtype, and whether B parts are column-major (as the worker's cache keeps them
+    # when it does not know the slots' dtype; in the slots' dtype it keeps them row-major)
+    "f32-into-f32": (torch.float32, torch.float32, False),
+    "bf16-into-bf16": (torch.bfloat16, torch.bfloat16, False),
     "f32-into-bf16": (torch.float32, torch.bfloat16, False),
     "bf16-into-f32-column-major": (torch.bfloat16, torch.float32, True),
     "bf16-into-bf16-column-major": (torch.bfloat16, torch.bfloat16, True),
@@ -82,6 +85,37 @@ def test_slots_written_from_parts_equal_vllm_set_lora_of_the_concatenation(outs,
     assert bool((mine.lora_a_stacked[0][index, 0, r:] == 0).all())  # rows past the rank: zero, not stale
     assert bool((mine.lora_b_stacked[0][index, 0, :, r:] == 0).all())
     assert parts._ZEROS and all(not z.any() for z in parts._ZEROS.values())  # the shared padding: only read
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["words-from-cache", "words-made-here"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_b_of_one_rank_in_the_slot_dtype_is_written_as_words(dtype, prepared, monkeypatch):
+    """Rank-2 documents in the slot's dtype (the worker's cache on any engine): B goes in as
+    one stack of machine words, and the slot is bit for bit vLLM's."""
+    fan_in, out, index = 32, 40, 2
+    g = torch.Generator().manual_seed(1)
+    a = [torch.randn(2, fan_in, generator=g).to(dtype) for _ in range(3)]
+    b = [torch.randn(out, 2, generator=g).to(dtype) for _ in range(3)]
+    words = [parts.as_words(x) for x in b] if prepared else None
+    pa, pb = RankParts.trusted(a, 0), RankParts.trusted(b, 1, words=words)
+    assert (pb.words is not None) == prepared
+    taken = []
+    real = parts._fill_b_by_words
+    monkeypatch.setattr(parts, "_fill_b_by_words", lambda *args: taken.append(real(*args)) or taken[-1])
+    mine, theirs = Layer(fan_in, [out], dtype=dtype), Layer(fan_in, [out], dtype=dtype)
+    assert parts.set_lora_by_parts(mine, index, pa, pb)
+    _vllm_set_lora(1)(theirs, index, pa.materialize(), pb.materialize())
+    assert taken == [True]
+    assert torch.equal(mine.lora_b_stacked[0], theirs.lora_b_stacked[0])
+    assert torch.equal(mine.lora_a_stacked[0], theirs.lora_a_stacked[0])
+    # a B whose documents differ in rank, or a slot of another dtype: not as words, still exact
+    taken.clear()
+    mixed = RankParts.trusted([b[0], torch.randn(out, 1, generator=g).to(dtype)], 1)
+    other = Layer(fan_in, [out], dtype=torch.float32 if dtype == torch.bfloat16 else torch.bfloat16)
+    want = Layer(fan_in, [out], dtype=other.lora_b_stacked[0].dtype)
+    parts.set_lora_by_parts(other, 0, RankParts.trusted(a[:2], 0), mixed)
+    _vllm_set_lora(1)(want, 0, torch.cat(a[:2]), mixed.materialize())
+    assert taken == [False] and torch.equal(other.lora_b_stacked[0], want.lora_b_stacked[0])
 
 
 def test_factors_narrower_than_the_slot_go_through_vllm_code():
@@ -142,3 +176,15 @@ def test_install_wraps_every_vllm_lora_layer_set_lora():
             chain.append(fn)
             fn = getattr(fn, "__wrapped__", None)
         assert [f.__code__ is ours for f in chain].count(True) == 1, c
+
+
+def test_slot_views_are_kept_on_the_layer_and_follow_a_new_stacked_tensor():
+    layer = Layer(16, [24])
+    stacked = layer.lora_a_stacked[0]
+    view = parts._slot(layer, stacked, 1)
+    assert view.data_ptr() == stacked[1, 0].data_ptr() and parts._slot(layer, stacked, 1) is view
+    view.fill_(3.0)
+    assert bool((stacked[1, 0] == 3.0).all()) and stacked._version > 0  # a write the version counter sees
+    layer.lora_a_stacked = (torch.zeros_like(stacked),)  # a new buffer (never done by vLLM today): new views
+    fresh = parts._slot(layer, layer.lora_a_stacked[0], 1)
+    assert fresh.data_ptr() == layer.lora_a_stacked[0][1, 0].data_ptr() != view.data_ptr()

@@ -88,11 +88,11 @@ def random_adapter_of(store) -> LoraAdapter:
 
 def test_part_cache_is_bounded_and_its_setting_checked(store, monkeypatch):
     sources = [store.load(f"d{i}").source for i in range(3)]
-    one = sources[0].size
+    one = sum(a.nbytes + b.nbytes for a, b in PartCache(1 << 30).load(sources[0], 2, 32.0).weights.values())
     cache = PartCache(2 * one)
     for s in sources:
         cache.load(s, 2, 32.0)
-    assert len(cache) == 2 and cache.nbytes == 2 * one
+    assert len(cache) == 2 and cache.nbytes == 2 * one  # bounded by the tensors it holds
     monkeypatch.setenv("PRAG_WORKER_ADAPTER_CACHE_MB", "lots")
     with pytest.raises(ValueError, match="PRAG_WORKER_ADAPTER_CACHE_MB"):
         cache_bytes_from_env()
@@ -155,3 +155,30 @@ def test_part_cache_preload_fills_without_evicting_and_skips_bad_parts(store, ti
     assert fresh.preload(parts) == 2 and len(fresh) == 2  # d0 and d2
     with pytest.raises(ValueError, match="bad part list"):
         preload_parts(None, [["only-a-path"]])
+
+
+def test_part_cache_keeps_factors_in_the_slots_dtype_with_b_as_words(store, tmp_path):
+    """A float32 engine's worker keeps the bf16 documents converted once (exact: bf16 ->
+    float32), B row-major with its machine-word view; a change of dtype drops what was cached."""
+    from prag_vllm.vllm_plugin.parts import as_words
+
+    ads = [store.load(f"d{i}") for i in range(3)]
+    write_merge_manifest(ads, tmp_path / "m", ["d0", "d1", "d2"])
+    cache = PartCache(64 << 20)
+    cache.keep_as(torch.float32)
+    adapter, words = cache.document(ads[0].source, 2, 32.0)
+    want = merge_adapters([ads[0]], fold_scaling=True)
+    assert set(words) == set(adapter.weights)
+    for m, (a, b) in adapter.weights.items():
+        assert a.dtype == b.dtype == torch.float32 and b.is_contiguous()
+        assert torch.equal(a, want.weights[m][0].float()) and torch.equal(b, want.weights[m][1].float())
+        assert words[m].dtype == torch.int64 and words[m].data_ptr() == b.data_ptr()
+        assert torch.equal(words[m], as_words(b))
+    assert cache.nbytes == sum(a.nbytes + b.nbytes for a, b in adapter.weights.values())
+    got = merge_from_manifest(tmp_path / "m", cache.load)  # the same merge, now in float32
+    _same(got, LoraAdapter(r=6, alpha=6.0, weights={m: (a.float(), b.float()) for m, (a, b) in
+                                                    merge_adapters(ads, fold_scaling=True).weights.items()}))
+    cache.keep_as(torch.float32)
+    assert len(cache) == 3
+    cache.keep_as(torch.bfloat16)
+    assert len(cache) == 0 and cache.document(ads[0].source, 2, 32.0)[0].weights[m][0].dtype == torch.bfloat16

@@ -31,7 +31,7 @@ from prag_vllm.errors import AdapterError
 from prag_vllm.lru import ByteLRU
 from prag_vllm.merge import MANIFEST_FILE, check_mergeable, folded, read_manifest
 from prag_vllm.vllm_plugin import settings
-from prag_vllm.vllm_plugin.parts import RankParts
+from prag_vllm.vllm_plugin.parts import RankParts, as_words
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,24 @@ def cache_bytes_from_env() -> int:
 
 def column_major_b(adapter: LoraAdapter) -> LoraAdapter:
     """``adapter`` with every B (``out x rank``) stored column-major: the same values, but a
-    slot write (:func:`.parts._fill`) then reads each document's rank columns as contiguous
-    rows. Writing Qwen2.5-0.5B's gate/up B slot from three rank-2 documents: 55.8 -> 30.5 µs
-    into a bf16 slot, 70 -> 60 µs into a float32 one (probe, one process, AVX2 machine)."""
+    slot write (:func:`.parts._fill`) that converts dtypes then reads each document's rank
+    columns as contiguous rows. Writing Qwen2.5-0.5B's gate/up B slot from three rank-2
+    documents: 70 -> 60 µs into a float32 slot (probe, one process, AVX2 machine). Parts
+    already in the slot's dtype are kept row-major: one ``torch.cat`` is fastest for them
+    (56 µs row-major vs 65 µs column-major, same probe)."""
     adapter.weights = {m: (a, b.t().contiguous().t()) for m, (a, b) in adapter.weights.items()}
     return adapter
+
+
+def converted(adapter: LoraAdapter, dtype) -> LoraAdapter:
+    """``adapter`` with its factors in ``dtype`` (contiguous): what a LoRA slot of that dtype
+    gets from them, converted once here instead of at every activation."""
+    adapter.weights = {m: (a.to(dtype).contiguous(), b.to(dtype).contiguous()) for m, (a, b) in adapter.weights.items()}
+    return adapter
+
+
+def _nbytes(adapter: LoraAdapter) -> int:
+    return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
 
 
 class PartCache:
@@ -54,19 +67,41 @@ class PartCache:
     (:func:`prag_vllm.merge.folded`), least recently used first out; thread-safe (the
     ``hits``/``misses``/``hashed`` counters are statistics, not locked)."""
 
-    def __init__(self, max_bytes: int):
-        self._items: ByteLRU[str, LoraAdapter] = ByteLRU(max_bytes)
+    def __init__(self, max_bytes: int, dtype=None):
+        self._items: ByteLRU[str, tuple[LoraAdapter, dict]] = ByteLRU(max_bytes)
         self.hits = self.misses = self.hashed = 0
+        self.dtype = dtype
+        """The dtype the factors are kept in: the engine's LoRA dtype, so that activating an
+        adapter copies them into the slots without converting (on a float32 engine, bf16
+        documents converted at every activation cost ~4 ms of it, ``docs/lora_cpu.md``).
+        None: as read from the file. Set by :meth:`keep_as`."""
+        self._growth = 1.0
+        """Bytes in memory per byte of file, as last seen (for :meth:`preload`'s bound)."""
+
+    def keep_as(self, dtype) -> None:
+        """Keep factors in ``dtype`` from now on; adapters cached in another dtype are dropped."""
+        if dtype == self.dtype:
+            return
+        if len(self._items):
+            logger.info("worker document cache: factors now kept in %s; %d cached documents dropped", dtype,
+                        len(self._items))
+            self._items.clear()
+        self.dtype = dtype
 
     @property
     def max_bytes(self) -> int:
         return self._items.max_bytes
 
     def load(self, source: WeightsSource, r: int, alpha: float) -> LoraAdapter:
-        adapter = self._items.get(source.sha256)
-        if adapter is not None:
+        return self.document(source, r, alpha)[0]
+
+    def document(self, source: WeightsSource, r: int, alpha: float) -> tuple[LoraAdapter, dict]:
+        """The adapter and, where kept in the slots' dtype, each module's B as machine words
+        (:func:`.parts.as_words`, for the slot writes); read and checked if not cached."""
+        item = self._items.get(source.sha256)
+        if item is not None:
             self.hits += 1
-            return adapter
+            return item
         try:
             raw, st = read_weights(source.path)
         except OSError as exc:
@@ -76,9 +111,13 @@ class PartCache:
             if hashlib.sha256(raw).hexdigest() != source.sha256:
                 raise AdapterError(f"document adapter {source.path} changed after the server validated it "
                                    f"(sha256 differs from the merge manifest)")
-        adapter = column_major_b(folded(LoraAdapter.from_bytes(raw, r, alpha, where=source.path)))
+        adapter = folded(LoraAdapter.from_bytes(raw, r, alpha, where=source.path))
+        adapter = column_major_b(adapter) if self.dtype is None else converted(adapter, self.dtype)
+        words = {} if self.dtype is None else {m: as_words(b) for m, (_, b) in adapter.weights.items()}
+        nbytes = _nbytes(adapter)
+        self._growth = nbytes / max(1, len(raw))
         self.misses += 1
-        return self._items.setdefault(source.sha256, adapter, len(raw))
+        return self._items.setdefault(source.sha256, (adapter, words), nbytes)
 
     def preload(self, parts: list[tuple[WeightsSource, int, float]]) -> int:
         """Read ``parts`` not cached yet while they fit without evicting anything; returns
@@ -87,7 +126,7 @@ class PartCache:
         n = 0
         for source, r, alpha in parts:
             cached = source.sha256 in self._items
-            if not cached and not self._items.fits(source.size):
+            if not cached and not self._items.fits(int(source.size * self._growth)):
                 break
             if not cached:
                 try:
@@ -129,9 +168,18 @@ def preload_parts(worker, parts: list[list]) -> dict:
     except (ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"prag_preload_parts: bad part list ({exc})") from None
     cache = part_cache()
+    cache.keep_as(_lora_dtype(worker))
     n = cache.preload(todo)
     return {"preloaded": n, "full": n < len(todo), "documents": len(cache), "bytes": cache.nbytes,
             "files_read": cache.misses}
+
+
+def _lora_dtype(worker):
+    """The dtype of the worker's LoRA slots (None where it cannot be told)."""
+    import torch
+
+    dtype = getattr(getattr(getattr(worker, "vllm_config", None), "lora_config", None), "lora_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def has_manifest(lora_dir: str) -> bool:
@@ -139,10 +187,18 @@ def has_manifest(lora_dir: str) -> bool:
         os.path.join(lora_dir, WEIGHTS_FILE))
 
 
-def manifest_parts(lora_dir: str, expected_lora_modules) -> dict[str, RankParts]:
-    """PEFT tensor name -> :class:`RankParts` of the merged adapter a manifest directory describes."""
+def manifest_parts(lora_dir: str, expected_lora_modules, dtype=None) -> dict[str, RankParts]:
+    """PEFT tensor name -> :class:`RankParts` of the merged adapter a manifest directory
+    describes, to be loaded as ``dtype`` (the LoRA slots' dtype; None: the parts' own)."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype):
+        dtype = None
+    if dtype is not None:
+        part_cache().keep_as(dtype)
     try:
-        adapters = [part_cache().load(*p) for p in read_manifest(lora_dir)]
+        docs = [part_cache().document(*p) for p in read_manifest(lora_dir)]
+        adapters = [ad for ad, _ in docs]
         modules = check_mergeable(adapters)
     except AdapterError as exc:
         raise ValueError(f"While loading {lora_dir}: {exc}") from None
@@ -152,8 +208,11 @@ def manifest_parts(lora_dir: str, expected_lora_modules) -> dict[str, RankParts]
                          f"but received {unexpected}")
     out = {}
     for m in modules:
-        out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = RankParts([ad.weights[m][0] for ad in adapters], dim=0)
-        out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = RankParts([ad.weights[m][1] for ad in adapters], dim=1)
+        if len({ad.weights[m][0].shape[1] for ad in adapters}) != 1 or len({ad.weights[m][1].shape[0] for ad in adapters}) != 1:
+            raise ValueError(f"While loading {lora_dir}: the documents' factors of {m} differ in size")
+        out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = RankParts.trusted([ad.weights[m][0] for ad in adapters], 0, dtype)
+        out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = RankParts.trusted([ad.weights[m][1] for ad in adapters], 1, dtype,
+                                                                   [words.get(m) for _, words in docs])
     return out
 
 
@@ -181,7 +240,7 @@ def install() -> None:
             raise ValueError(f"{lora_dir}: merge manifests are not supported with expert parallelism")
         return cls.from_lora_tensors(
             lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id,
-            tensors=manifest_parts(lora_dir, expected_lora_modules), peft_helper=peft_helper, device=device,
+            tensors=manifest_parts(lora_dir, expected_lora_modules, dtype), peft_helper=peft_helper, device=device,
             dtype=dtype, model_vocab_size=model_vocab_size, weights_mapper=weights_mapper,
             skip_prefixes=skip_prefixes)
 
