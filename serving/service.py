@@ -164,8 +164,7 @@ class RAGService:
             plan.adapter_seconds = time.perf_counter() - t1
             if plan.entry is not None:
                 self.metrics.adapter_ready.labels("hit" if plan.cache_hit else "miss").observe(plan.adapter_seconds)
-            self.metrics.cache_entries.set(self.merged.size)
-            self.metrics.cache_bytes.set(self.merged.nbytes)
+            self._cache_gauges()
         if mode.name == "parametric":
             plan.in_context = [d for d in plan.retrieved if d.id not in plan.parametric]
             self.metrics.in_context_docs.inc(len(plan.in_context))
@@ -174,10 +173,16 @@ class RAGService:
         return plan
 
     def release(self, plan: Plan) -> None:
-        """Unpin the plan's merged adapter (idempotent)."""
+        """Unpin the plan's merged adapter (idempotent); the cache may shrink back to its bound
+        now (an entry added while every other one was pinned), so the gauges follow."""
         if plan.entry is not None and not plan.released:
             plan.released = True
             self.merged.release(plan.entry)
+            self._cache_gauges()
+
+    def _cache_gauges(self) -> None:
+        self.metrics.cache_entries.set(self.merged.size)
+        self.metrics.cache_bytes.set(self.merged.nbytes)
 
     # -- prompts ------------------------------------------------------------------------
     def chat_prompt_ids(self, messages: list[dict], question: str, plan: Plan) -> list[int]:

@@ -79,7 +79,7 @@ def server(tmp_path_factory, test_model_dir):
     audit = root / "files.log"
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONUNBUFFERED="1", PRAG_AUDIT_FILES=str(audit),
-                                     PRAG_WORKER_ADAPTER_CACHE_MB="1"))
+                                     PRAG_WORKER_ADAPTER_CACHE_MB="2"))
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 900  # first start compiles the model (torch.compile), minutes on a busy 2-core machine
     while time.time() < deadline:

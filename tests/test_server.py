@@ -179,7 +179,7 @@ def test_preloaded_document_adapters(server):
     gauge = next(float(ln.split(" ")[1]) for ln in text.splitlines() if ln.startswith("prag_doc_adapters_in_memory "))
     assert gauge == usable
     state = httpx.get(server["base"] + "/health").json()["preload"]
-    # vLLM's worker read them too, as many as its 1 MiB cache holds (one adapter here)
+    # vLLM's worker read them too, as many as its 2 MiB cache holds (one float32 adapter here: 1.5 MB)
     assert state["running"] is False and state["documents"] == usable and state["worker_documents"] == 1
 
 
