@@ -21,8 +21,10 @@ Prints a table and writes ``OUT.json`` / ``OUT.md``. Needs
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from common import run_metadata, synthetic_adapter
+from server import pct
 
 PHASES = ("round trip", "worker", "build", "register", "activate")
 
@@ -97,11 +100,6 @@ def profile_report(worker, lines: int = 40) -> str:
     return out.getvalue()
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -133,6 +131,7 @@ def main() -> int:
     model = str(resolve_model(args.model))
     cfg = AutoConfig.from_pretrained(model)
     tmp = Path(tempfile.mkdtemp(prefix="prag-add-lora-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the synthetic documents and manifests go with the run
     g = torch.Generator().manual_seed(0)
     docs = []
     for i in range(args.documents):
