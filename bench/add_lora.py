@@ -104,6 +104,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--lora-dtype", default="auto", help="vLLM's lora_dtype (auto: the engine's)")
     ap.add_argument("--documents", type=int, default=40)
     ap.add_argument("--adapters", type=int, default=60, help="merged adapters loaded, one at a time")
     ap.add_argument("--top-k", type=int, default=3)
@@ -138,7 +139,8 @@ def main() -> int:
         ad = synthetic_adapter(cfg, model, g, r=2, alpha=32.0, a_std=0.015, b_std=0.0018)
         docs.append(LoraAdapter.load(ad.save(tmp / "docs" / f"d{i}")))
     engine = VLLMEngine(EngineConfig(model=model, dtype=args.dtype, max_loras=args.max_loras,
-                                     extra={"max_cpu_loras": max(args.max_loras, args.adapters + 1)}))
+                                     extra={"max_cpu_loras": max(args.max_loras, args.adapters + 1),
+                                            "lora_dtype": args.lora_dtype}))
     llm = engine.llm
     llm.collective_rpc("prag_preload_parts", args=([part_record(d) for d in docs],))
     llm.collective_rpc(install_timers, args=(args.profile,))

@@ -119,7 +119,9 @@ class ServerConfig:
             if getattr(self, name) not in (0, 1):
                 raise InputError(f"{name} must be 0 or 1, got {getattr(self, name)}")
         from prag_vllm.generate import resolve_dtype
+        from prag_vllm.vllm_plugin import settings
 
+        settings.check()  # before resolve_dtype, whose first import of the plugin's ops reads them
         resolve_dtype(self.dtype)
         if self.doc_cache_max_bytes <= 0:
             raise InputError("doc_cache_max_bytes must be positive")

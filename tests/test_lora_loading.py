@@ -97,6 +97,7 @@ def test_idle_spinning_is_shortened(monkeypatch, tmp_path):
     while hasattr(init, "__wrapped__"):  # the plugin may already be installed in this process
         init = init.__wrapped__
     monkeypatch.setattr(shm_broadcast.SpinCondition, "__init__", init)
+    monkeypatch.setattr(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", 5000)  # vLLM's own
     ctx = zmq.Context()
     try:
         addr = f"ipc://{tmp_path}/notify"
@@ -106,6 +107,9 @@ def test_idle_spinning_is_shortened(monkeypatch, tmp_path):
         reader = shm_broadcast.SpinCondition(True, ctx, addr)
         assert reader.busy_loop_s == 0.004
         assert shm_broadcast.SpinCondition(True, ctx, addr, busy_loop_s=0.5).busy_loop_s == 0.5  # explicit wins
+        # a sleeping reader re-checks its queue every RECHECK_MS, so a lost ping costs that, not 5 s
+        wait = shm_broadcast.MessageQueue.ReadTimeoutWithWarnings(timeout=None, should_warn=False)
+        assert wait.timeout_ms() == idle.RECHECK_MS == 20
     finally:
         ctx.destroy(linger=0)
     monkeypatch.setenv("PRAG_VLLM_BUSY_LOOP_S", "-1")

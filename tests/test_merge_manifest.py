@@ -166,9 +166,16 @@ def test_part_cache_keeps_factors_in_the_slots_dtype_with_b_as_words(store, tmp_
     write_merge_manifest(ads, tmp_path / "m", ["d0", "d1", "d2"])
     cache = PartCache(64 << 20)
     cache.keep_as(torch.float32)
-    adapter, words = cache.document(ads[0].source, 2, 32.0)
+    adapter, words, stacks = cache.document(ads[0].source, 2, 32.0)
     want = merge_adapters([ads[0]], fold_scaling=True)
     assert set(words) == set(adapter.weights)
+    # every layer of a projection kind in one tensor (for the slot pools); the factors are views of it
+    assert sorted(stacks) == ["down_proj", "gate_proj", "up_proj"]
+    for kind, s in stacks.items():
+        assert s.a.shape[0] == len(s.names) == s.b.shape[0] and s.words.dtype == torch.int64
+        for i, m in enumerate(s.names):
+            a, b = adapter.weights[m]
+            assert a.data_ptr() == s.a[i].data_ptr() and b.data_ptr() == s.b[i].data_ptr()
     for m, (a, b) in adapter.weights.items():
         assert a.dtype == b.dtype == torch.float32 and b.is_contiguous()
         assert torch.equal(a, want.weights[m][0].float()) and torch.equal(b, want.weights[m][1].float())

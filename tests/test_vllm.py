@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from conftest import AUGS, DOCS, random_adapter
 from prag_vllm.adapters import AdapterStore
@@ -45,9 +46,14 @@ def hf_greedy(model_dir, adapter_path, question):
 @pytest.mark.parametrize("which", ["doc0", "merged", "manifest"])
 def test_vllm_greedy_equals_transformers_peft(vllm_engine, test_model_dir, adapters, which):
     """``manifest``: vLLM's worker copies the three documents' factors into its slot
-    (vllm_plugin/merged.py, parts.py); peft runs the merged file."""
+    (vllm_plugin/merged.py), through the slot pools (pools.py); peft runs the merged file."""
     path = adapters[which]
+    pooled = vllm_engine.llm.collective_rpc("prag_pool_state")[0]
+    layers = AutoConfig.from_pretrained(test_model_dir).num_hidden_layers
+    assert pooled["pools"] == {"down_proj": layers, "gate_proj": layers, "up_proj": layers}
     gens = vllm_engine.generate([conv(q) for q in QUESTIONS], [path] * len(QUESTIONS), max_tokens=MAX_TOKENS)
+    if which == "manifest":  # activated by the pools' few copies, not layer by layer
+        assert vllm_engine.llm.collective_rpc("prag_pool_state")[0]["activations"] > pooled["activations"]
     base = vllm_engine.generate([conv(q) for q in QUESTIONS], max_tokens=MAX_TOKENS)
     assert any(g.token_ids != b.token_ids for g, b in zip(gens, base)), "the adapter must change the output"
     hf_path = adapters["merged"] if which == "manifest" else path

@@ -46,3 +46,32 @@ def test_many_adapters_in_one_batch_equal_each_alone(engine, test_model_dir, tmp
     assert got[3] == base and got[7] == base  # no adapter: untouched
     st = _state(engine)
     assert st["compiled"] and not st["failed"] and st["mirrors"] > 0, st
+
+
+def test_merged_adapters_written_by_the_slot_pools_feed_the_gather_kernels(engine, test_model_dir, tmp_path):
+    """Merge manifests activate through the slot pools (vllm_plugin/pools.py), behind the
+    layers' own writes: the kernels' mirror of B and the slot ranks must follow. A first
+    batch of six merged adapters builds the mirror; six new ones then replace them slot by
+    slot (each alone); a batch of those must give each one's tokens alone."""
+    from prag_vllm.adapters import LoraAdapter
+    from prag_vllm.merge import write_merge_manifest
+
+    def manifests(first: int) -> list:
+        out = []
+        for i in range(N_ADAPTERS):
+            docs = [LoraAdapter.load(random_adapter(test_model_dir, seed=first + 3 * i + j, std=0.05, rank=2)
+                                     .save(tmp_path / f"d{first + 3 * i + j}")) for j in range(3)]
+            write_merge_manifest(docs, tmp_path / f"m{first + i}", [f"d{j}" for j in range(3)])
+            out.append(tmp_path / f"m{first + i}")
+        return out
+
+    before = engine.llm.collective_rpc("prag_pool_state")[0]["activations"]
+    engine.generate([Q] * N_ADAPTERS, manifests(100), max_tokens=MAX_TOKENS, guard=False)
+    mirrors = _state(engine)["mirrors"]
+    fresh = manifests(200)
+    alone = [engine.generate([Q], [p], max_tokens=MAX_TOKENS)[0].token_ids for p in fresh]
+    assert len({tuple(t) for t in alone}) > 1, "the adapters must change the output"
+    got = [g.token_ids for g in engine.generate([Q] * N_ADAPTERS, fresh, max_tokens=MAX_TOKENS, guard=False)]
+    assert got == alone
+    assert engine.llm.collective_rpc("prag_pool_state")[0]["activations"] >= before + 2 * N_ADAPTERS
+    assert _state(engine)["mirrors"] >= mirrors > 0

@@ -10,6 +10,13 @@ loads on the server than the same code alone, ``docs/lora_cpu.md``).
 
 Here the window is ``PRAG_VLLM_BUSY_LOOP_S`` seconds (default 0.002: long enough to cover
 the gaps between decode steps under load, short enough to stop at once when idle).
+
+A reader past its window sleeps in ``poll`` until the writer's socket ping, re-checking the
+queue every ``SHM_READER_RECHECK_INTERVAL_MS`` (vLLM: 5000 ms). With a short window readers
+sleep between most messages, and a ping can go missing: ``bench/add_lora.py`` (2026-12-04)
+saw one ``add_lora`` of 40 take 5016 ms while the worker spent 6.6 ms on it. The re-check is
+therefore :data:`RECHECK_MS` here, so a lost ping costs at most that (an idle reader wakes
+50 times a second to look at its queue).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from prag_vllm.vllm_plugin import settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_BUSY_LOOP_S = settings.BUSY_LOOP_S.default
+RECHECK_MS = 20
+"""How often a sleeping reader re-checks its queue without a ping (vLLM: 5000 ms)."""
 
 
 def busy_loop_seconds() -> float:
@@ -46,4 +55,6 @@ def install() -> None:
 
     cls.__init__ = patched_init
     cls._prag_idle = True
+    if getattr(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", 0) > RECHECK_MS:
+        shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = RECHECK_MS
     logger.debug("prag: vLLM shared-memory readers spin for %.3f s after a read", seconds)

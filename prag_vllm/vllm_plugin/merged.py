@@ -25,6 +25,7 @@ import functools
 import hashlib
 import logging
 import os
+from typing import NamedTuple
 
 from prag_vllm.adapters import PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter, WeightsSource, read_weights
 from prag_vllm.errors import AdapterError
@@ -32,6 +33,7 @@ from prag_vllm.lru import ByteLRU
 from prag_vllm.merge import MANIFEST_FILE, check_mergeable, folded, read_manifest
 from prag_vllm.vllm_plugin import settings
 from prag_vllm.vllm_plugin.parts import RankParts, as_words
+from prag_vllm.vllm_plugin.pools import DocStack, stack_document
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +62,27 @@ def converted(adapter: LoraAdapter, dtype) -> LoraAdapter:
 
 def _nbytes(adapter: LoraAdapter) -> int:
     return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in adapter.weights.values())
+
+
+class CachedDocument(NamedTuple):
+    """One document adapter in the worker's cache."""
+
+    adapter: LoraAdapter
+    """Its factors, scaling folded into B."""
+    words: dict
+    """Where kept in the slots' dtype: module -> its B as machine words (:func:`.parts.as_words`,
+    for the slot writes), or None where a row is no word; else empty."""
+    stacks: dict[str, DocStack]
+    """Where kept in the slots' dtype: projection kind -> every layer's factors in one tensor
+    (:func:`.pools.stack_document`; ``adapter``'s factors are views of them); else empty."""
+
+
+class ManifestTensors(dict):
+    """PEFT tensor name -> :class:`RankParts` of a merged adapter, with its documents' stacks."""
+
+    documents: list[dict[str, DocStack]] | None = None
+    """Each document's :attr:`CachedDocument.stacks` in the manifest's order (what
+    :mod:`.pools` writes), None where some document has none."""
 
 
 class PartCache:
@@ -95,9 +118,8 @@ class PartCache:
     def load(self, source: WeightsSource, r: int, alpha: float) -> LoraAdapter:
         return self.document(source, r, alpha)[0]
 
-    def document(self, source: WeightsSource, r: int, alpha: float) -> tuple[LoraAdapter, dict]:
-        """The adapter and, where kept in the slots' dtype, each module's B as machine words
-        (:func:`.parts.as_words`, for the slot writes); read and checked if not cached."""
+    def document(self, source: WeightsSource, r: int, alpha: float) -> CachedDocument:
+        """The document as cached (read and checked if it was not)."""
         item = self._items.get(source.sha256)
         if item is not None:
             self.hits += 1
@@ -112,12 +134,16 @@ class PartCache:
                 raise AdapterError(f"document adapter {source.path} changed after the server validated it "
                                    f"(sha256 differs from the merge manifest)")
         adapter = folded(LoraAdapter.from_bytes(raw, r, alpha, where=source.path))
-        adapter = column_major_b(adapter) if self.dtype is None else converted(adapter, self.dtype)
+        stacks = {}
+        if self.dtype is None:
+            adapter = column_major_b(adapter)
+        else:  # in the slots' dtype, every layer of a projection kind in one tensor (for the slot pools)
+            adapter.weights, stacks = stack_document(converted(adapter, self.dtype).weights)
         words = {} if self.dtype is None else {m: as_words(b) for m, (_, b) in adapter.weights.items()}
         nbytes = _nbytes(adapter)
         self._growth = nbytes / max(1, len(raw))
         self.misses += 1
-        return self._items.setdefault(source.sha256, (adapter, words), nbytes)
+        return self._items.setdefault(source.sha256, CachedDocument(adapter, words, stacks), nbytes)
 
     def preload(self, parts: list[tuple[WeightsSource, int, float]]) -> int:
         """Read ``parts`` not cached yet while they fit without evicting anything; returns
@@ -187,33 +213,63 @@ def has_manifest(lora_dir: str) -> bool:
         os.path.join(lora_dir, WEIGHTS_FILE))
 
 
-def manifest_parts(lora_dir: str, expected_lora_modules, dtype=None) -> dict[str, RankParts]:
-    """PEFT tensor name -> :class:`RankParts` of the merged adapter a manifest directory
-    describes, to be loaded as ``dtype`` (the LoRA slots' dtype; None: the parts' own)."""
+def manifest_documents(lora_dir: str, expected_lora_modules, dtype=None) -> tuple[list[CachedDocument], list[str]]:
+    """The documents a manifest directory names, from the worker's cache (read and checked
+    if not cached), kept as ``dtype`` (the LoRA slots' dtype; None: their own), and the
+    modules they target; ``ValueError`` (vLLM's load error) if they cannot be merged."""
     import torch
 
-    if not isinstance(dtype, torch.dtype):
-        dtype = None
-    if dtype is not None:
+    if isinstance(dtype, torch.dtype):
         part_cache().keep_as(dtype)
     try:
         docs = [part_cache().document(*p) for p in read_manifest(lora_dir)]
-        adapters = [ad for ad, _ in docs]
-        modules = check_mergeable(adapters)
+        modules = check_mergeable([d.adapter for d in docs])
     except AdapterError as exc:
         raise ValueError(f"While loading {lora_dir}: {exc}") from None
     unexpected = sorted({m.rsplit(".", 1)[-1] for m in modules} - set(expected_lora_modules))
     if unexpected:
         raise ValueError(f"While loading {lora_dir}, expected target modules in {expected_lora_modules} "
                          f"but received {unexpected}")
-    out = {}
+    return docs, modules
+
+
+def manifest_parts(lora_dir: str, expected_lora_modules, dtype=None,
+                   documents: tuple[list[CachedDocument], list[str]] | None = None) -> ManifestTensors:
+    """PEFT tensor name -> :class:`RankParts` of the merged adapter a manifest directory
+    describes, to be loaded as ``dtype`` (the LoRA slots' dtype; None: the parts' own);
+    ``documents``: :func:`manifest_documents` of it, if the caller has them."""
+    import torch
+
+    if not isinstance(dtype, torch.dtype):
+        dtype = None
+    docs, modules = documents or manifest_documents(lora_dir, expected_lora_modules, dtype)
+    adapters = [d.adapter for d in docs]
+    out = ManifestTensors()
+    if all(d.stacks for d in docs):
+        out.documents = [d.stacks for d in docs]
     for m in modules:
         if len({ad.weights[m][0].shape[1] for ad in adapters}) != 1 or len({ad.weights[m][1].shape[0] for ad in adapters}) != 1:
             raise ValueError(f"While loading {lora_dir}: the documents' factors of {m} differ in size")
         out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = RankParts.trusted([ad.weights[m][0] for ad in adapters], 0, dtype)
         out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = RankParts.trusted([ad.weights[m][1] for ad in adapters], 1, dtype,
-                                                                   [words.get(m) for _, words in docs])
+                                                                   [d.words.get(m) for d in docs])
     return out
+
+
+def pooled_model(cls, lora_model_id: int, docs: list[CachedDocument]):
+    """A ``LoRAModel`` (``cls``) of the documents for this worker's slot pools: no factors of
+    its own (``loras`` empty: nothing to build or pack), the documents' stacks as
+    ``_prag_docs``, which the pools' activation writes; None where the pools cannot take
+    them (the caller builds the full model)."""
+    from prag_vllm.vllm_plugin import pools
+
+    slot_pools = pools.current()
+    stacks = [d.stacks for d in docs]
+    if slot_pools is None or not all(stacks) or not slot_pools.accepts(stacks):
+        return None
+    model = cls(lora_model_id, rank=sum(next(iter(s.values())).a.shape[1] for s in stacks), loras={})
+    model._prag_docs = stacks
+    return model
 
 
 def install() -> None:
@@ -221,11 +277,12 @@ def install() -> None:
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.utils import get_lora_id
 
-    from prag_vllm.vllm_plugin import parts
+    from prag_vllm.vllm_plugin import parts, pools
 
     if getattr(LoRAModel, "_prag_manifest", False):
         return
     parts.install()  # RankParts reach vLLM's set_lora
+    pools.install()  # manifests' adapters activate in a few copies
     cache_bytes_from_env()  # a bad setting fails here, with its name, not at the first load
     original = LoRAModel.from_local_checkpoint.__func__
 
@@ -238,11 +295,18 @@ def install() -> None:
                             weights_mapper=weights_mapper, skip_prefixes=skip_prefixes, **kwargs)
         if kwargs.get("moe_ep_spec") is not None:
             raise ValueError(f"{lora_dir}: merge manifests are not supported with expert parallelism")
-        return cls.from_lora_tensors(
-            lora_model_id=get_lora_id() if lora_model_id is None else lora_model_id,
-            tensors=manifest_parts(lora_dir, expected_lora_modules, dtype), peft_helper=peft_helper, device=device,
+        lora_model_id = get_lora_id() if lora_model_id is None else lora_model_id
+        documents = manifest_documents(lora_dir, expected_lora_modules, dtype)
+        model = pooled_model(cls, lora_model_id, documents[0])
+        if model is not None:
+            return model
+        tensors = manifest_parts(lora_dir, expected_lora_modules, dtype, documents)
+        model = cls.from_lora_tensors(
+            lora_model_id=lora_model_id, tensors=tensors, peft_helper=peft_helper, device=device,
             dtype=dtype, model_vocab_size=model_vocab_size, weights_mapper=weights_mapper,
             skip_prefixes=skip_prefixes)
+        model._prag_docs = tensors.documents  # for the slot pools (:mod:`.pools`)
+        return model
 
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
     LoRAModel._prag_manifest = True

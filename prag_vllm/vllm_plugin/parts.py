@@ -251,6 +251,9 @@ def _wrap(original, by_parts: bool):
         return original(self, index, lora_a, lora_b, *args, **kwargs)
 
     set_lora._prag_parts = True
+    set_lora._prag_by_parts = by_parts
+    """Whether the layer's slots are plain ``slots x 1 x rank x in`` / ``out x rank`` buffers
+    written by vLLM's linear ``set_lora`` (what :mod:`.pools` relies on)."""
     return set_lora
 
 

@@ -74,7 +74,12 @@ RUNS_F32 = Choice("PRAG_LORA_RUNS_F32", "auto", ("auto", "1", "0"))
 bfloat16 matrix product (no AVX512-BF16 or AMX): there a bf16 product whose inner size is the
 rank was measured 4-16x slower than converting to float32."""
 
-ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S, RUNS_F32)
+SLOT_POOLS = Choice("PRAG_LORA_SLOT_POOLS", "1", ("1", "0"))
+"""Keep every LoRA layer's slots in slot-major pools, one per projection kind (``pools``), so a
+merged adapter is activated in a few large copies; ``0``: vLLM's per-layer buffers (for
+side-by-side benchmarks)."""
+
+ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S, RUNS_F32, SLOT_POOLS)
 
 
 def check() -> None:
