@@ -8,7 +8,9 @@ takes the document adapters from a byte-bounded LRU of those it has already read
 The merged A and B are not built: each is a :class:`~.parts.RankParts` of the documents'
 tensors, copied into vLLM's LoRA slot when the adapter is activated. What lands in the
 slot is exactly what the merged file would give (``merge_adapters(..., fold_scaling=True)``).
-An adapter vLLM holds keeps its documents' tensors alive after the cache drops them, so
+Where the worker's LoRA layers sit in slot pools (:mod:`.pools`, the default), the model has
+no factors at all (:func:`pooled_model`): the pools copy the documents' stacked factors into
+the slot. An adapter vLLM holds keeps its documents' tensors alive after the cache drops them, so
 memory is bounded by the cache plus the documents of the adapters vLLM holds
 (``max_cpu_loras``); documents shared by several adapters are held once.
 
@@ -75,14 +77,6 @@ class CachedDocument(NamedTuple):
     stacks: dict[str, DocStack]
     """Where kept in the slots' dtype: projection kind -> every layer's factors in one tensor
     (:func:`.pools.stack_document`; ``adapter``'s factors are views of them); else empty."""
-
-
-class ManifestTensors(dict):
-    """PEFT tensor name -> :class:`RankParts` of a merged adapter, with its documents' stacks."""
-
-    documents: list[dict[str, DocStack]] | None = None
-    """Each document's :attr:`CachedDocument.stacks` in the manifest's order (what
-    :mod:`.pools` writes), None where some document has none."""
 
 
 class PartCache:
@@ -234,7 +228,7 @@ def manifest_documents(lora_dir: str, expected_lora_modules, dtype=None) -> tupl
 
 
 def manifest_parts(lora_dir: str, expected_lora_modules, dtype=None,
-                   documents: tuple[list[CachedDocument], list[str]] | None = None) -> ManifestTensors:
+                   documents: tuple[list[CachedDocument], list[str]] | None = None) -> dict[str, RankParts]:
     """PEFT tensor name -> :class:`RankParts` of the merged adapter a manifest directory
     describes, to be loaded as ``dtype`` (the LoRA slots' dtype; None: the parts' own);
     ``documents``: :func:`manifest_documents` of it, if the caller has them."""
@@ -244,9 +238,7 @@ def manifest_parts(lora_dir: str, expected_lora_modules, dtype=None,
         dtype = None
     docs, modules = documents or manifest_documents(lora_dir, expected_lora_modules, dtype)
     adapters = [d.adapter for d in docs]
-    out = ManifestTensors()
-    if all(d.stacks for d in docs):
-        out.documents = [d.stacks for d in docs]
+    out = {}
     for m in modules:
         if len({ad.weights[m][0].shape[1] for ad in adapters}) != 1 or len({ad.weights[m][1].shape[0] for ad in adapters}) != 1:
             raise ValueError(f"While loading {lora_dir}: the documents' factors of {m} differ in size")
@@ -300,13 +292,10 @@ def install() -> None:
         model = pooled_model(cls, lora_model_id, documents[0])
         if model is not None:
             return model
-        tensors = manifest_parts(lora_dir, expected_lora_modules, dtype, documents)
-        model = cls.from_lora_tensors(
-            lora_model_id=lora_model_id, tensors=tensors, peft_helper=peft_helper, device=device,
-            dtype=dtype, model_vocab_size=model_vocab_size, weights_mapper=weights_mapper,
-            skip_prefixes=skip_prefixes)
-        model._prag_docs = tensors.documents  # for the slot pools (:mod:`.pools`)
-        return model
+        return cls.from_lora_tensors(
+            lora_model_id=lora_model_id, tensors=manifest_parts(lora_dir, expected_lora_modules, dtype, documents),
+            peft_helper=peft_helper, device=device, dtype=dtype, model_vocab_size=model_vocab_size,
+            weights_mapper=weights_mapper, skip_prefixes=skip_prefixes)
 
     LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
     LoRAModel._prag_manifest = True

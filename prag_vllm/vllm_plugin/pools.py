@@ -209,7 +209,9 @@ class SlotPools:
 def build(modules: dict, packed: dict[str, list[str]]) -> SlotPools | None:
     """Move the stacked buffers of ``modules`` (a manager's module path -> LoRA layer) into
     slot-major pools, one per projection kind (``packed``: vLLM's packed module name -> the
-    names of its slices); None (nothing changed) unless every layer can be."""
+    names of its slices); None (nothing changed) unless every layer can be. Until it returns
+    the old buffers and the pools both exist: twice the LoRA slots' memory for a moment, at
+    engine start (Qwen2.5-0.5B, 100 float32 rank-8 slots: 1.3 GB)."""
     if not modules or not all(_poolable(m) for m in modules.values()):
         return None
     entries: dict[str, list[tuple[str, object, int]]] = {}
