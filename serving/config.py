@@ -121,7 +121,9 @@ class ServerConfig:
         from prag_vllm.generate import resolve_dtype
         from prag_vllm.vllm_plugin import settings
 
-        settings.check()  # before resolve_dtype, whose first import of the plugin's ops reads them
+        # PRAG_* numbers vLLM's processes read: one clear error now, not a traceback later; and
+        # before resolve_dtype, whose first import of the plugin's ops reads them
+        settings.check()
         resolve_dtype(self.dtype)
         if self.doc_cache_max_bytes <= 0:
             raise InputError("doc_cache_max_bytes must be positive")
@@ -131,9 +133,6 @@ class ServerConfig:
             raise InputError("es_user needs its password in $PRAG_ES_PASSWORD")
         if self.api_key is None:
             self.api_key = os.environ.get("PRAG_API_KEY") or None
-        from prag_vllm.vllm_plugin import settings
-
-        settings.check()  # PRAG_* numbers vLLM's processes read: one clear error now, not a traceback later
         return self
 
 

@@ -96,6 +96,13 @@ def note_write(stacked_bs, index: int, versions_before) -> None:
             m.version = t._version
 
 
+def note_slot(stacked_a, stacked_b, index: int, rank: int | None, versions_before) -> None:
+    """After slot ``index`` of a layer was written: the mirrors re-transpose that slot and
+    :mod:`.ranks` records ``rank`` (``versions_before``: :func:`ranks.versions` before the write)."""
+    note_write(stacked_b, index, versions_before[len(stacked_a):])
+    ranks.note(stacked_a, stacked_b, index, rank, versions_before)
+
+
 def _stacked(layer, name: str) -> tuple[torch.Tensor, ...]:
     stacked = getattr(layer, name, None)
     return tuple(stacked) if isinstance(stacked, (tuple, list)) else ()
@@ -109,9 +116,8 @@ def _wrap(original, reset: bool):
         stacked_a, stacked = _stacked(self, "lora_a_stacked"), _stacked(self, "lora_b_stacked")
         before_all = ranks.versions(stacked_a, stacked)
         out = original(self, index, *args, **kwargs)
-        note_write(stacked, index, before_all[len(stacked_a):])
         rank = 0 if reset else ranks.rank_of(args[0] if args else kwargs.get("lora_a"))
-        ranks.note(stacked_a, stacked, index, rank, before_all)
+        note_slot(stacked_a, stacked, index, rank, before_all)
         return out
 
     write._prag_gather = True

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from prag_vllm.vllm_plugin import gather, ranks
-from prag_vllm.vllm_plugin.parts import _WORDS
+from prag_vllm.vllm_plugin.parts import _WORDS, as_words
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ def stack_document(weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
             continue
         a = torch.stack([p[0] for p in pairs])
         b = torch.stack([p[1] for p in pairs])
-        word = _WORDS.get(b.shape[2] * b.element_size())
-        words = None if word is None else b.view(word).view(b.shape[0], b.shape[1])
+        words = as_words(b.view(-1, b.shape[2]))
+        words = None if words is None else words.view(b.shape[0], b.shape[1])
         for i, m in enumerate(names):
             out[m] = (a[i], b[i])
         stacks[kind] = DocStack(tuple(names), a, b, words)
@@ -202,8 +202,7 @@ class SlotPools:
         befores = [ranks.versions(sa, sb) for sa, sb in layers]
         torch.autograd.graph.increment_version([t for sa, sb in layers for t in (*sa, *sb)])
         for (sa, sb), before in zip(layers, befores):
-            gather.note_write(sb, index, before[len(sa):])
-            ranks.note(sa, sb, index, rank, before)
+            gather.note_slot(sa, sb, index, rank, before)
 
 
 def build(modules: dict, packed: dict[str, list[str]]) -> SlotPools | None:
