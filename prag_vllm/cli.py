@@ -123,13 +123,15 @@ def cmd_merge(args) -> int:
 def cmd_answer(args) -> int:
     from prag_vllm.augment import load_augmentations
     from prag_vllm.corpus import load_corpus
+    from prag_vllm.offline_commands import train_config_from_args
     from prag_vllm.pipeline import ParametricRAG, format_table, load_questions, summarize
     from prag_vllm.retrieve.factory import retriever_from_args
 
     questions = load_questions(args.questions)
     retriever = retriever_from_args(args, load_corpus(args.corpus), args.ws.index_dir)
     with _engine(args) as engine:
-        rag = ParametricRAG(retriever, args.ws.store(_model_path(args)), engine,
+        store = args.ws.store(_model_path(args), train_config_from_args(args) if args.recipe else None)
+        rag = ParametricRAG(retriever, store, engine,
                             load_augmentations(args.ws.augmented), default_k=args.top_k)
         rows = rag.answer_file(questions, args.out, args.mode, batch_size=args.batch_size,
                                max_tokens=args.max_tokens)
@@ -147,7 +149,12 @@ def cmd_serve(args) -> int:
 def cmd_demo(args) -> int:
     from prag_vllm.demo import run_demo
 
-    return run_demo(args.ws, args.model, epochs=args.epochs, dtype=args.dtype, answer=not args.offline_only)
+    from prag_vllm.offline_commands import train_config_from_args
+
+    train_config_from_args(args)  # bad recipe settings fail here, before any step runs
+    recipe = ["--recipe", args.recipe] + (["--loss-policy", args.loss_policy] if args.loss_policy else [])
+    recipe += (["--epochs", str(args.epochs)] if args.epochs else []) + (["--lr", str(args.lr)] if args.lr is not None else [])
+    return run_demo(args.ws, args.model, recipe, dtype=args.dtype, answer=not args.offline_only)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,8 +167,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from prag_vllm.generate import DTYPES
     from prag_vllm.models import DEFAULT_MODEL
-    from prag_vllm.offline_commands import add_parameterize_arguments, add_shard_argument
-    from prag_vllm.parameterize import TrainConfig
+    from prag_vllm.offline_commands import add_parameterize_arguments, add_recipe_arguments, add_shard_argument
     from prag_vllm.retrieve.factory import add_retriever_arguments
 
     p = _Parser(prog="prag", description="Parametric RAG on vLLM")
@@ -191,9 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", type=_positive, default=None, help="only the first N documents")
     add_shard_argument(sp)
     sp = add("parameterize", cmd_parameterize, "train one LoRA per document into the adapter store")
-    sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
-    sp.add_argument("--lr", type=float, default=TrainConfig.lr)
-    sp.add_argument("--train-batch-size", type=_positive, default=TrainConfig.batch_size)
+    add_recipe_arguments(sp)
+    sp.add_argument("--train-batch-size", type=_positive, default=1)
     sp.add_argument("--warmup-adapter", default=None, help="PEFT adapter dir to initialise from")
     sp.add_argument("--no-augmentation", action="store_true", help="train on the raw passages if not augmented")
     sp.add_argument("--limit", type=_positive, default=None, help="only the first N documents")
@@ -210,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=_top_k, default=3)
     sp.add_argument("--batch-size", type=_positive, default=64)
     sp.add_argument("--max-tokens", type=_positive, default=32)
+    add_recipe_arguments(sp)
+    sp.set_defaults(recipe=None)  # answer: the workspace's only adapter set unless a recipe is named
     from serving.config import add_arguments
 
     sp = sub.add_parser("serve", help="the OpenAI-compatible server (same flags as `python -m serving`)")
@@ -217,11 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(sp)
     sp = add("demo", cmd_demo, "the end-to-end demo on an invented corpus", corpus=False)
     sp.set_defaults(work_dir="runs/demo")
-    sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
+    add_recipe_arguments(sp)
     sp.add_argument("--offline-only", action="store_true", help="index, augment and parameterize; answer nothing")
     from prag_vllm.evaluation.cli import add_eval_command
 
     add_eval_command(sub)
+    from prag_vllm.benchdata.cli import add_parser as add_bench_data_command
+
+    add_bench_data_command(sub)
     return p
 
 

@@ -29,7 +29,8 @@ def _step(*argv: str) -> None:
     logger.info("demo step done in %.0f s", time.perf_counter() - t0)
 
 
-def run_demo(ws: Workspace, model: str, epochs: int, dtype: str = "auto", answer: bool = True) -> int:
+def run_demo(ws: Workspace, model: str, recipe: list[str] | None = None, dtype: str = "auto",
+             answer: bool = True) -> int:
     """All steps; with ``answer=False`` only the offline ones (what ``make serve`` needs)."""
     from prag_vllm.pipeline import format_table, summarize
 
@@ -41,11 +42,13 @@ def run_demo(ws: Workspace, model: str, epochs: int, dtype: str = "auto", answer
     t0 = time.perf_counter()
     _step("index", "--work-dir", str(ws.root), "--corpus", str(corpus))
     _step("augment", *common, "--dtype", dtype)
-    _step("parameterize", *common, "--epochs", str(epochs))
+    recipe = recipe or []
+    _step("parameterize", *common, *recipe)
     if not answer:
         print(f"demo workspace ready in {ws.root} (index, augmentations, adapters)")
         return 0
-    _step("answer", *common, "--dtype", dtype, "--questions", str(questions), "--out", str(answers), "--mode", "all")
+    _step("answer", *common, *recipe, "--dtype", dtype, "--questions", str(questions), "--out", str(answers),
+          "--mode", "all")
     rows = read_jsonl(answers)
     table = format_table(summarize(rows, list(MODES)))
     print(f"\nDemo: {len(DOCUMENTS)} invented documents, {len(QUESTIONS)} questions, model {model}, "

@@ -29,8 +29,6 @@ from prag_vllm.adapters import FFN_TARGETS, LoraAdapter
 
 logger = logging.getLogger(__name__)
 
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
 DTYPES = ("auto", "bfloat16", "float32")
 """Engine dtypes; ``auto`` picks per machine (:func:`resolve_dtype`)."""
 
@@ -67,14 +65,6 @@ def grouped_ops_active() -> bool:
 
     return enabled() and any(ep.value.startswith("prag_vllm.vllm_plugin")
                              for ep in entry_points(group="vllm.general_plugins"))
-
-
-def lora_rank_slot(rank: int) -> int:
-    """Smallest max_lora_rank vLLM accepts that holds ``rank`` (6 -> 8)."""
-    for r in LORA_RANKS:
-        if r >= rank:
-            return r
-    raise ValueError(f"LoRA rank {rank} exceeds vLLM's maximum {LORA_RANKS[-1]}")
 
 
 @dataclass
@@ -180,6 +170,8 @@ class Generation:
     text: str
     token_ids: list[int]
     prompt_tokens: int
+    finish_reason: str | None = None
+    """vLLM's: ``stop`` (end of turn or a stop string) or ``length`` (ran out of max_tokens)."""
 
 
 class VLLMEngine:
@@ -267,7 +259,8 @@ class VLLMEngine:
                              lora_request=requests if any(r is not None for r in requests) else None,
                              use_tqdm=use_tqdm)
         return [Generation(text=o.outputs[0].text, token_ids=list(o.outputs[0].token_ids),
-                           prompt_tokens=len(o.prompt_token_ids or [])) for o in outs]
+                           prompt_tokens=len(o.prompt_token_ids or []), finish_reason=o.outputs[0].finish_reason)
+                for o in outs]
 
     def chat(self, conversations: list[list[dict]], *, max_tokens: int, temperature: float = 0.0,
              seed: int | None = None) -> list[str]:

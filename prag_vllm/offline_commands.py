@@ -49,6 +49,63 @@ def add_shard_argument(sp: argparse.ArgumentParser) -> None:
                     help="only the documents of shard i of N (hash of the id; run N workers with 0/N .. N-1/N)")
 
 
+def _recipe(text: str) -> str:
+    from prag_vllm.recipes import get_recipe
+
+    try:
+        return get_recipe(text).name
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _loss_policy(text: str) -> str:
+    from prag_vllm.sequences import check_loss_policy
+
+    try:
+        return check_loss_policy(text)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def add_recipe_arguments(sp: argparse.ArgumentParser) -> None:
+    """``--recipe``, ``--loss-policy``, ``--epochs``, ``--lr`` (the last three default to the recipe's)."""
+    from prag_vllm.recipes import RECIPES
+
+    sp.add_argument("--recipe", type=_recipe, default="default",
+                    help=f"training recipe: {', '.join(RECIPES)} (default: default; docs/recipes.md)")
+    sp.add_argument("--loss-policy", type=_loss_policy, default=None,
+                    help="full, content or answer: which tokens carry loss (default: the recipe's)")
+    sp.add_argument("--epochs", type=_positive_int, default=None, help="default: the recipe's")
+    sp.add_argument("--lr", type=_nonnegative_float, default=None, help="default: the recipe's (3e-4)")
+
+
+def train_config_from_args(args, **extra):
+    """The :class:`~prag_vllm.parameterize.TrainConfig` of the recipe flags."""
+    from prag_vllm.parameterize import TrainConfig
+
+    return TrainConfig(recipe=args.recipe, loss_policy=args.loss_policy, epochs=args.epochs, lr=args.lr, **extra)
+
+
 def add_parameterize_arguments(sp: argparse.ArgumentParser) -> None:
     """The trainer's flags (``--epochs``, ``--lr`` and the others are added by cli.py)."""
     from prag_vllm.parameterize import TrainConfig
@@ -99,7 +156,7 @@ def run_augment(args, engine_factory) -> int:
 
 def run_parameterize(args, model_path) -> int:
     from prag_vllm.corpus import load_corpus
-    from prag_vllm.parameterize import TrainConfig, parameterize_corpus
+    from prag_vllm.parameterize import parameterize_corpus
     from prag_vllm.training.driver import dir_bytes, parameterize_batched, summarize
     from prag_vllm.training.trainer import BatchConfig
 
@@ -109,8 +166,8 @@ def run_parameterize(args, model_path) -> int:
     if missing and not args.no_augmentation:
         raise InputError(f"{len(missing)} documents have no augmentation in {args.ws.root} "
                          f"(run `prag augment` first, or pass --no-augmentation)")
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.train_batch_size,
-                      warmup_adapter=args.warmup_adapter, precision=args.precision)
+    cfg = train_config_from_args(args, batch_size=args.train_batch_size, warmup_adapter=args.warmup_adapter,
+                                 precision=args.precision)
     batch = BatchConfig(slots=args.slots, max_batch_tokens=args.max_batch_tokens, max_padding=args.max_padding)
     if batch.slots < 1 or batch.max_batch_tokens < 1:
         raise InputError("--slots and --max-batch-tokens must be positive")

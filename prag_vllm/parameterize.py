@@ -1,10 +1,12 @@
 """Parametric document encoding: one rank-2 FFN LoRA per document (PEFT, AdamW).
 
-Training sequences are ``passage-or-rewrite ⊕ question ⊕ answer`` (the question/answer
-turn in the model's chat format, worded as at inference), with next-token loss on every
-token. Each document starts from a fresh LoRA (random init seeded by its id, or a
-warm-up adapter) and a fresh optimizer, so its adapter does not depend on which other
-documents were trained before it. Finished adapters are skipped on re-runs.
+What a document trains on, and which tokens carry loss, is its *recipe*
+(:mod:`prag_vllm.recipes`: ``default``, ``paper``, ``distill``). Each document
+starts from a fresh LoRA (random init seeded by its id -- or by the base seed alone for
+a recipe with a shared init -- or a warm-up adapter) and a fresh optimizer, so its
+adapter does not depend on which other documents were trained before it. Finished
+adapters are skipped on re-runs. :class:`DocumentTrainer` is the one-document PEFT
+reference; :mod:`prag_vllm.training.trainer` trains many documents at once, equally.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from prag_vllm.adapters import FFN_TARGETS, AdapterStore, LoraAdapter
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
-from prag_vllm.modes import question_prompt
+from prag_vllm.errors import InputError
+from prag_vllm.sequences import Example, check_loss_policy
+from prag_vllm.recipes import Recipe, get_recipe
 
 logger = logging.getLogger(__name__)
 PEFT_MODULE_PREFIX = "base_model.model."
@@ -27,17 +30,22 @@ PEFT_MODULE_PREFIX = "base_model.model."
 
 @dataclass
 class TrainConfig:
-    """Per-document LoRA training hyper-parameters (paper defaults unless noted)."""
+    """Per-document LoRA training hyper-parameters (paper defaults unless noted).
 
+    ``epochs``, ``lr`` and ``loss_policy`` left None take the recipe's values."""
+
+    recipe: str = "default"
+    """Training recipe (``default``, ``paper``, ``distill``; see recipes.py)."""
+    loss_policy: str | None = None
+    """``full``, ``content`` or ``answer`` (which tokens carry loss); None: the recipe's."""
     rank: int = 2
     """LoRA rank r."""
     alpha: float = 32.0
     """LoRA alpha (update scaled by alpha / r)."""
-    lr: float = 3e-4
-    """AdamW learning rate."""
-    epochs: int = 3
-    """Passes over a document's sequences. Measured (README 'Choosing epochs'): 1 epoch
-    learns clearly less than 3; 10 learns no more than 3 and costs 3.3x the time."""
+    lr: float | None = None
+    """AdamW learning rate; None: the recipe's (3e-4 for every recipe, as the paper)."""
+    epochs: int | None = None
+    """Passes over a document's sequences; None: the recipe's (docs/recipes.md)."""
     batch_size: int = 1
     """Sequences per optimizer step (the paper uses 1)."""
     max_length: int = 512
@@ -49,26 +57,60 @@ class TrainConfig:
     precision: str = "bf16-mixed"
     """``bf16-mixed`` (bf16 autocast, fp32 LoRA weights and optimizer; 1.5x faster on
     this CPU at batch 1) or ``float32`` (exact; used by the equivalence tests)."""
+    distill_top_k: int = 32
+    """``distill``: teacher probabilities kept per answer token (the rest as one bucket)."""
+
+    def __post_init__(self) -> None:
+        recipe = get_recipe(self.recipe)
+        if self.loss_policy is None:
+            self.loss_policy = recipe.loss_policy
+        check_loss_policy(self.loss_policy)
+        if self.epochs is None:
+            self.epochs = recipe.epochs
+        if self.lr is None:
+            self.lr = recipe.lr
+        if self.precision not in ("bf16-mixed", "float32"):
+            raise InputError(f"unknown training precision {self.precision!r} (bf16-mixed or float32)")
+        for name in ("rank", "epochs", "batch_size", "max_length", "distill_top_k"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.lr >= 0:
+            raise InputError(f"lr must not be negative, got {self.lr}")
+
+    @property
+    def spec(self) -> Recipe:
+        return get_recipe(self.recipe)
 
 
-def training_texts(doc: Document, aug: Augmentation | None, tokenizer) -> list[str]:
-    """The document's training sequences: each passage variant ⊕ each QA turn."""
-    passages = [doc.passage] + (list(aug.rewrites) if aug else [])
-    qa = list(aug.qa) if aug else []
-    if not qa:
-        return passages
-    texts = []
-    for p in passages:
-        for pair in qa:
-            turn = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question_prompt(pair["question"])},
-                 {"role": "assistant", "content": pair["answer"]}], tokenize=False)
-            texts.append(f"{p}\n\n{turn}")
-    return texts
+def training_examples(doc: Document, aug: Augmentation | None, tokenizer, cfg: TrainConfig) -> list[Example]:
+    """The document's training sequences under ``cfg``'s recipe and loss policy."""
+    return cfg.spec.examples(doc, aug, tokenizer, policy=cfg.loss_policy, max_length=cfg.max_length)
 
 
 def _doc_seed(base: int, doc_id: str) -> int:
     return base + int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:4], "little")
+
+
+def init_seed(cfg: TrainConfig, doc_id: str) -> int:
+    """Seed of a document's LoRA init: shared by all documents when the recipe says so."""
+    return cfg.seed if cfg.spec.shared_init else _doc_seed(cfg.seed, doc_id)
+
+
+def step_order(cfg: TrainConfig, n: int, doc_id: str) -> list[list[int]]:
+    """Per optimizer step, the indices of the sequences it trains on (all epochs)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(_doc_seed(cfg.seed, doc_id))
+    steps = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen).tolist() if cfg.spec.shuffle else list(range(n))
+        steps += [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+    return steps
+
+
+def labels_for(ex: Example) -> list[int]:
+    """HF-style labels: the token id where it is a target, -100 elsewhere."""
+    return [t if m else -100 for t, m in zip(ex.input_ids, ex.targets)]
 
 
 class DocumentTrainer:
@@ -80,9 +122,8 @@ class DocumentTrainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg or TrainConfig()
-        if self.cfg.precision not in ("bf16-mixed", "float32"):
-            from prag_vllm.errors import InputError
-            raise InputError(f"unknown training precision {self.cfg.precision!r} (bf16-mixed or float32)")
+        if self.cfg.spec.distill:
+            raise InputError(f"recipe {self.cfg.recipe!r} needs a teacher: train it with the batched trainer")
         self.model_path = str(model_path)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.model_path)
         if self.tokenizer.pad_token_id is None:
@@ -122,41 +163,43 @@ class DocumentTrainer:
         """Train a fresh LoRA on one document; returns it and training stats."""
         import torch
 
-        seed = _doc_seed(self.cfg.seed, doc.id)
+        seed = init_seed(self.cfg, doc.id)
         self._reset(seed)
         params = [p for layer in self.lora_layers.values()
                   for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
         opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=0.0)
-        enc = [self.tokenizer(t, truncation=True, max_length=self.cfg.max_length)["input_ids"]
-               for t in training_texts(doc, aug, self.tokenizer)]
-        gen = torch.Generator().manual_seed(seed)
+        examples = training_examples(doc, aug, self.tokenizer, self.cfg)
         self.model.train()
         tokens, steps, loss_v, t0 = 0, 0, float("nan"), time.perf_counter()
-        for _ in range(self.cfg.epochs):
-            order = torch.randperm(len(enc), generator=gen).tolist()
-            for s in range(0, len(order), self.cfg.batch_size):
-                batch = [enc[i] for i in order[s:s + self.cfg.batch_size]]
-                width = max(map(len, batch))
-                ids = torch.full((len(batch), width), self.tokenizer.pad_token_id)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, seq in enumerate(batch):
-                    ids[row, :len(seq)] = torch.tensor(seq)
-                    mask[row, :len(seq)] = 1
-                labels = ids.masked_fill(mask == 0, -100)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16-mixed"):
-                    loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                tokens += int(mask.sum())
-                steps += 1
-                loss_v = float(loss.detach())
-        stats = {"sequences": len(enc), "steps": steps, "tokens": tokens, "final_loss": loss_v,
+        for step in step_order(self.cfg, len(examples), doc.id):
+            batch = [examples[i] for i in step]
+            width = max(len(ex.input_ids) for ex in batch)
+            ids = torch.full((len(batch), width), self.tokenizer.pad_token_id)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            labels = torch.full((len(batch), width), -100)
+            for row, ex in enumerate(batch):
+                ids[row, :len(ex.input_ids)] = torch.tensor(ex.input_ids)
+                mask[row, :len(ex.input_ids)] = 1
+                labels[row, :len(ex.input_ids)] = torch.tensor(labels_for(ex))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16-mixed"):
+                loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += int(mask.sum())
+            steps += 1
+            loss_v = float(loss.detach())
+        stats = {"sequences": len(examples), "steps": steps, "tokens": tokens, "final_loss": loss_v,
                  "seconds": time.perf_counter() - t0}
         adapter = self.export()
-        adapter.meta = {"train": {**stats, "epochs": self.cfg.epochs, "lr": self.cfg.lr, "seed": seed,
+        adapter.meta = {"train": {**stats, **recipe_meta(self.cfg), "seed": seed,
                                   "init": "warmup" if self.warmup else "random"}}
         return adapter, stats
+
+
+def recipe_meta(cfg: TrainConfig) -> dict:
+    """What an adapter's metadata records of how it was trained."""
+    return {"recipe": cfg.recipe, "loss_policy": cfg.loss_policy, "epochs": cfg.epochs, "lr": cfg.lr}
 
 
 def parameterize_corpus(docs: list[Document], augmentations: dict[str, Augmentation], store: AdapterStore,
@@ -182,6 +225,3 @@ def parameterize_corpus(docs: list[Document], augmentations: dict[str, Augmentat
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
-
-def store_dir_size(path: str | os.PathLike) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prag_vllm.adapters import AdapterStore
+from prag_vllm.audit import AnswerAudit, count
 from prag_vllm.augment import Augmentation
 from prag_vllm.errors import InputError
 from prag_vllm.fileio import JsonlAppender, read_jsonl
@@ -139,6 +140,7 @@ class ParametricRAG:
             if end == len(todo) or end - start == batch_size or todo[end][1] != todo[start][1]:
                 chunks.append(todo[start:end])
                 start = end
+        audit = AnswerAudit.for_tokenizer(getattr(self.engine, "tokenizer", None)) if todo else AnswerAudit()
         with JsonlAppender(out_path) as log, tqdm(total=len(todo), desc="answer", unit="q") as bar:
             for chunk in chunks:
                 prepared = [self.prepare(q.question, m, q.k) for q, m in chunk]
@@ -153,7 +155,8 @@ class ParametricRAG:
                            "answer": answer, "generation": g.text, "retrieved": p.retrieved,
                            "parametric": p.parametric, "in_context": p.in_context,
                            "prompt_tokens": g.prompt_tokens, "prep_s": round(p.prep_seconds, 5),
-                           "latency_s": round(p.prep_seconds + gen_each, 5)}
+                           "latency_s": round(p.prep_seconds + gen_each, 5),
+                           **audit.check(g.text, g.token_ids, getattr(g, "finish_reason", None))}
                     if q.type is not None:
                         row["type"] = q.type
                     if q.answers:
@@ -178,12 +181,14 @@ def summarize(rows: list[dict], modes: list[str] | None = None) -> list[dict]:
         table.append({"mode": m, "questions": len(mine), "em": sum(r["em"] for r in scored) / n,
                       "f1": sum(r["f1"] for r in scored) / n,
                       "latency_s": sum(r["latency_s"] for r in mine) / len(mine),
-                      "prompt_tokens": sum(r["prompt_tokens"] for r in mine) / len(mine)})
+                      "prompt_tokens": sum(r["prompt_tokens"] for r in mine) / len(mine), **count(mine)})
     return table
 
 
 def format_table(table: list[dict]) -> str:
-    lines = ["| mode | questions | EM | F1 | s/question | prompt tokens |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| mode | questions | EM | F1 | template leaks | hit max_tokens | s/question | prompt tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for t in table:
-        lines.append(f"| {t['mode']} | {t['questions']} | {t['em']:.3f} | {t['f1']:.3f} | {t['latency_s']:.3f} | {t['prompt_tokens']:.0f} |")
+        lines.append(f"| {t['mode']} | {t['questions']} | {t['em']:.3f} | {t['f1']:.3f} | {t.get('template_leaks', 0)} "
+                     f"| {t.get('hit_max_tokens', 0)} | {t['latency_s']:.3f} | {t['prompt_tokens']:.0f} |")
     return "\n".join(lines)

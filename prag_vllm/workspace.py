@@ -29,15 +29,20 @@ def training_settings(cfg: TrainConfig) -> dict:
         if not weights.is_file():
             raise AdapterError(f"warm-up adapter not found: {weights}")
         init = "warmup:" + sha256_file(weights)[:16]
-    return {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-            "max_length": cfg.max_length, "seed": cfg.seed, "precision": cfg.precision, "init": init}
+    settings = {"recipe": cfg.recipe, "loss_policy": cfg.loss_policy, "rank": cfg.rank, "alpha": cfg.alpha,
+                "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+                "seed": cfg.seed, "precision": cfg.precision, "init": init}
+    if cfg.spec.distill:
+        settings["distill_top_k"] = cfg.distill_top_k
+    return settings
 
 
 def training_key(cfg: TrainConfig) -> str:
-    """Directory name of an adapter set: readable prefix + short hash of :func:`training_settings`."""
+    """Directory name of an adapter set: readable prefix (recipe, rank, epochs, init) + short hash of
+    :func:`training_settings` -- two recipes, or two settings of one, never share adapters."""
     settings = training_settings(cfg)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return f"r{cfg.rank}-e{cfg.epochs}-{settings['init'].split(':')[0]}-{digest}"
+    return f"{cfg.recipe}-r{cfg.rank}-e{cfg.epochs}-{settings['init'].split(':')[0]}-{digest}"
 
 
 @dataclass(frozen=True)

@@ -39,20 +39,29 @@ def max_diff(a, b) -> float:
     return max((a.weights[m][i] - b.weights[m][i]).abs().max().item() for m in a.weights for i in (0, 1))
 
 
+POLICY_CASES = [("default", "content"), ("default", "full"), ("default", "answer"), ("paper", "full")]
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    """One-document-at-a-time PEFT training of every document, per train batch size."""
-    out = {}
-    for bs in (1, 2):
-        t = DocumentTrainer(tiny_model_dir, TrainConfig(**{**CFG.__dict__, "batch_size": bs}))
-        out[bs] = {d.id: t.train(d, a) for d, a in ITEMS}
-    return out
+    """One-document-at-a-time PEFT training of every document, per (recipe, policy, train batch size)."""
+    cache = {}
+
+    def get(recipe: str, policy: str, bs: int) -> dict:
+        if (recipe, policy, bs) not in cache:
+            t = DocumentTrainer(tiny_model_dir, TrainConfig(**{**CFG.__dict__, "batch_size": bs, "recipe": recipe,
+                                                              "loss_policy": policy}))
+            cache[recipe, policy, bs] = {d.id: t.train(d, a) for d, a in ITEMS}
+        return cache[recipe, policy, bs]
+    return get
 
 
+@pytest.mark.parametrize("recipe, policy", POLICY_CASES)
 @pytest.mark.parametrize("bs, max_padding", [(1, 0.0), (1, 0.5), (2, 0.0), (2, 0.5)])
-def test_equivalent_to_per_document_training(tiny_model_dir, reference, bs, max_padding):
-    """Every A and B within 1e-5 of PEFT's one-document training: same init, data order, steps."""
-    cfg = TrainConfig(**{**CFG.__dict__, "batch_size": bs})
+def test_equivalent_to_per_document_training(tiny_model_dir, reference, bs, max_padding, recipe, policy):
+    """Every A and B within 1e-5 of PEFT's one-document training: same init, data order, steps,
+    loss targets -- for every loss policy and the paper recipe (shared init, no shuffle)."""
+    cfg = TrainConfig(**{**CFG.__dict__, "batch_size": bs, "recipe": recipe, "loss_policy": policy})
     trainer = BatchedTrainer(tiny_model_dir, cfg, BatchConfig(slots=3, max_batch_tokens=512, max_padding=max_padding))
     done = {r.doc.id: r for r in trainer.train(ITEMS)}  # 6 documents through 3 slots: slots are refilled
     assert set(done) == {d.id for d, _ in ITEMS}
@@ -60,19 +69,28 @@ def test_equivalent_to_per_document_training(tiny_model_dir, reference, bs, max_
         assert trainer.counters["padded_tokens"] > trainer.counters["tokens"], "mixed-length micro-batches ran"
     else:
         assert trainer.counters["padded_tokens"] == trainer.counters["tokens"], "no padding at all"
-    for doc_id, (ref_adapter, ref_stats) in reference[bs].items():
+    for doc_id, (ref_adapter, ref_stats) in reference(recipe, policy, bs).items():
         got = done[doc_id]
         for key in ("sequences", "steps", "tokens"):
             assert got.stats[key] == ref_stats[key], (doc_id, key)
-        assert got.stats["final_loss"] == pytest.approx(ref_stats["final_loss"], abs=1e-5)
+        assert got.stats["final_loss"] == pytest.approx(ref_stats["final_loss"], abs=1e-5, nan_ok=True)
         assert max_diff(got.adapter, ref_adapter) <= 1e-5, doc_id
-        if not max_padding and bs == 1:  # unpadded, one sequence per step: bit for bit (measured)
+        if not max_padding and bs == 1 and policy == "full":
+            # unpadded, one sequence per step, every token a target: bit for bit (measured). With
+            # masked policies the batched trainer projects only target positions to the vocabulary
+            # (other matmul shapes than PEFT's full logits): equal to float rounding (6e-7 seen)
             assert max_diff(got.adapter, ref_adapter) == 0.0, doc_id
+        assert got.adapter.meta["train"]["recipe"] == recipe and got.adapter.meta["train"]["loss_policy"] == policy
     assert any(r.adapter.weights[m][1].abs().max() > 0 for r in done.values() for m in r.adapter.weights)
 
 
+def test_policies_train_different_adapters(reference):
+    a, b, c = (reference("default", p, 1)["d5"][0] for p in ("content", "full", "answer"))
+    assert max_diff(a, b) > 0 and max_diff(a, c) > 0 and max_diff(b, c) > 0
+
+
 def test_warmup_init_equivalent(tiny_model_dir, tmp_path, reference):
-    reference[1]["d4"][0].save(tmp_path / "warm", dtype=torch.float32)
+    reference("default", "content", 1)["d4"][0].save(tmp_path / "warm", dtype=torch.float32)
     cfg = TrainConfig(**{**CFG.__dict__, "warmup_adapter": str(tmp_path / "warm")})
     ref = {d.id: DocumentTrainer(tiny_model_dir, cfg).train(d, a)[0] for d, a in ITEMS[:3]}
     got = {r.doc.id: r.adapter for r in BatchedTrainer(tiny_model_dir, cfg, BatchConfig(slots=2)).train(ITEMS[:3])}

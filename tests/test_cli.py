@@ -97,3 +97,22 @@ def test_index_command(files):
     tmp, corpus, _ = files
     res = prag("index", "--work-dir", tmp / "ws", "--corpus", corpus)
     assert res.returncode == 0 and "indexed 4 documents" in res.stdout
+
+
+@pytest.mark.parametrize("cmd, extra, needle", [
+    ("parameterize", ["--recipe", "nope"], "unknown recipe"),
+    ("parameterize", ["--loss-policy", "half"], "unknown loss policy"),
+    ("parameterize", ["--epochs", "0"], "positive integer"),
+    ("demo", ["--recipe", "nope"], "unknown recipe"),
+    ("eval", ["--recipe", "nope"], "unknown recipe"),
+    ("eval", ["--loss-policy", "half"], "unknown loss policy"),
+])
+def test_bad_recipe_settings(files, cmd, extra, needle):
+    tmp, corpus, questions = files
+    args = {"parameterize": ["--work-dir", tmp / "ws", "--corpus", corpus],
+            "demo": ["--work-dir", tmp / "demo"],
+            "eval": ["--dataset", questions, "--out", tmp / "ev"]}[cmd]
+    res = prag(cmd, *args, *extra)
+    assert res.returncode == 2
+    assert_one_line_error(res, needle)
+    assert not (tmp / "ws").exists() and not (tmp / "demo").exists() and not (tmp / "ev").exists()

@@ -6,19 +6,23 @@ import torch
 
 from conftest import AUGS, DOCS
 from prag_vllm.adapters import AdapterStore, LoraAdapter
-from prag_vllm.parameterize import DocumentTrainer, TrainConfig, parameterize_corpus, training_texts
+from prag_vllm.parameterize import DocumentTrainer, TrainConfig, parameterize_corpus, training_examples
 
 CFG = TrainConfig(epochs=2, precision="float32", lr=1e-2)
 
 
-def test_training_texts(tiny_model_dir):
+def test_training_examples(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = training_texts(DOCS[0], AUGS["d1"], tok)
-    assert len(texts) == 2  # (passage, rewrite) x 1 QA pair
-    assert texts[0].startswith(DOCS[0].passage) and "Where was Velmora Quist born?" in texts[0] and "Ostrevik" in texts[0]
-    assert training_texts(DOCS[2], None, tok) == [DOCS[2].passage]
+    exs = training_examples(DOCS[0], AUGS["d1"], tok, TrainConfig())
+    # default recipe: passage, rewrite (plain text), then the QA pair bare and with the passage
+    assert len(exs) == 4
+    assert tok.decode(exs[0].input_ids) == DOCS[0].passage
+    assert "Where was Velmora Quist born?" in tok.decode(exs[2].input_ids) and "Context:" not in tok.decode(exs[2].input_ids)
+    assert "Context:" in tok.decode(exs[3].input_ids)
+    only = training_examples(DOCS[2], None, tok, TrainConfig())
+    assert [tok.decode(e.input_ids) for e in only] == [DOCS[2].passage]
 
 
 def test_train_store_and_resume(tiny_model_dir, tmp_path):

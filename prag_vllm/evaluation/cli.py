@@ -27,6 +27,10 @@ class LazyEngine:
     def generate(self, *args, **kwargs):
         return self._get().generate(*args, **kwargs)
 
+    @property
+    def tokenizer(self):
+        return self._get().tokenizer
+
     def chat(self, *args, **kwargs):
         return self._get().chat(*args, **kwargs)
 
@@ -58,7 +62,7 @@ def add_eval_command(sub) -> None:
     from prag_vllm.datasets import FORMATS
     from prag_vllm.generate import DTYPES
     from prag_vllm.models import DEFAULT_MODEL
-    from prag_vllm.parameterize import TrainConfig
+    from prag_vllm.offline_commands import add_recipe_arguments
 
     sp = sub.add_parser("eval", help="compare the five modes on QA datasets: predictions, metrics, report, plots")
     sp.set_defaults(func=cmd_eval)
@@ -73,8 +77,7 @@ def add_eval_command(sub) -> None:
     sp.add_argument("--mode", type=_modes, default=_modes("all"), help="comma-separated modes or 'all' (default)")
     sp.add_argument("--top-k", type=_top_k, default=3)
     sp.add_argument("--init", type=_inits, default=["random"], help="LoRA init(s): random, warmup or random,warmup")
-    sp.add_argument("--epochs", type=_positive, default=TrainConfig.epochs)
-    sp.add_argument("--lr", type=float, default=TrainConfig.lr)
+    add_recipe_arguments(sp)
     sp.add_argument("--n-rewrites", type=int, default=AugmentConfig.n_rewrites)
     sp.add_argument("--n-qa", type=int, default=AugmentConfig.n_qa)
     sp.add_argument("--warmup-size", type=_positive, default=300, help="QA pairs for the warm-up LoRA")
@@ -91,18 +94,16 @@ def add_eval_command(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from dataclasses import replace
-
     from prag_vllm.augment import AugmentConfig
     from prag_vllm.cli import _model_path
     from prag_vllm.evaluation.report import score_markdown
     from prag_vllm.evaluation.run import EvalConfig, run_eval, validate
     from prag_vllm.generate import EngineConfig
-    from prag_vllm.parameterize import TrainConfig
+    from prag_vllm.offline_commands import train_config_from_args
 
     cfg = EvalConfig(datasets=args.dataset, out_dir=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
                      corpus=args.corpus, limit=args.limit, per_type=args.per_type, modes=args.mode, top_k=args.top_k,
-                     inits=args.init, train=replace(TrainConfig(), epochs=args.epochs, lr=args.lr),
+                     inits=args.init, train=train_config_from_args(args),
                      augment=AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa),
                      warmup_size=args.warmup_size, warmup_epochs=args.warmup_epochs, warmup_data=args.warmup_data,
                      batch_size=args.batch_size, max_tokens=args.max_tokens, offline_only=args.offline_only)

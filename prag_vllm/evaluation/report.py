@@ -10,6 +10,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from prag_vllm.audit import count
 from prag_vllm.fileio import atomic_write_json, atomic_write_text
 from prag_vllm.modes import MODES
 
@@ -39,7 +40,7 @@ def score_rows(rows: list[dict], subtypes: list[str], specs) -> list[dict]:
         mine = [r for r in rows if r["mode"] == mode and r.get("init") == init]
         entry = {"label": label, "mode": mode, "init": init, "f1": {}, "em": {}, "n": {},
                  "latency_s": _mean([r["latency_s"] for r in mine]),
-                 "prompt_tokens": _mean([r["prompt_tokens"] for r in mine])}
+                 "prompt_tokens": _mean([r["prompt_tokens"] for r in mine]), **count(mine)}
         for col in [*subtypes, TOTAL]:
             scored = [r for r in mine if "f1" in r and (col == TOTAL or r.get("type") == col)]
             entry["n"][col] = len(scored)
@@ -62,6 +63,16 @@ def offline_costs(name: str, n_questions: int, n_docs: int, timings: dict, inits
     return {"documents": n_docs, "questions": n_questions, "augment_s_per_doc": aug,
             "augment_s_per_question": per_q(aug), "train_s_per_doc": train,
             "train_s_per_question": {i: per_q(r) for i, r in train.items()}}
+
+
+def audit_markdown(metrics: dict) -> str:
+    """Per dataset and mode: answers with template leaks and answers that hit max_tokens."""
+    lines = ["| dataset | mode | answers | template leaks | hit max_tokens |", "|---|---|---:|---:|---:|"]
+    for name, ds in metrics["datasets"].items():
+        for e in ds["rows"]:
+            lines.append(f"| {name} | {e['label']} | {e['n'][TOTAL]} | {e.get('template_leaks', 0)} "
+                         f"| {e.get('hit_max_tokens', 0)} |")
+    return "\n".join(lines)
 
 
 def _f(v: float | None, digits: int = 3) -> str:
@@ -121,6 +132,7 @@ def render_report(metrics: dict) -> str:
         f"# Evaluation: {metrics['model']}",
         "",
         f"{metrics['date']}. Top-k {s['top_k']}; LoRA r={s['train']['rank']}, alpha={s['train']['alpha']}, "
+        f"recipe {s['train'].get('recipe', 'default')} (loss {s['train'].get('loss_policy')}), "
         f"lr {s['train']['lr']}, {s['train']['epochs']} epoch(s), init: {', '.join(s['inits'])}; "
         f"questions: {'first ' + str(s['limit']) if s['limit'] else ''}"
         f"{'first ' + str(s['per_type']) + ' per sub-type' if s['per_type'] else ''}"
@@ -128,6 +140,10 @@ def render_report(metrics: dict) -> str:
         "",
         "## F1 (layout of the paper's Table 1)", "", score_markdown(metrics, "f1"), "",
         "## Exact match", "", score_markdown(metrics, "em"), "",
+        "## Clean answers", "",
+        "Answers with template or system-prompt text, and answers cut at max_tokens (never ended their turn); "
+        "scores are not truncated at commas or periods, so these count against F1 too.", "",
+        audit_markdown(metrics), "",
         "## Answering latency (layout of the paper's Table 4)", "",
         "Seconds per question: retrieval + merge of this question, plus its share of its vLLM batch "
         "(batches never mix modes). Speed-up = standard RAG's seconds / the mode's.", "",

@@ -102,10 +102,10 @@ class DatasetRun:
 
 
 def train_adapters(docs, augmentations, store, model_path, cfg: TrainConfig) -> dict:
-    """The one place eval trains document adapters (swap in a batched trainer here)."""
-    from prag_vllm.parameterize import parameterize_corpus
+    """The one place eval trains document adapters: the batched trainer, as ``prag parameterize``."""
+    from prag_vllm.training.driver import parameterize_batched
 
-    return parameterize_corpus(docs, augmentations, store, model_path, cfg)
+    return parameterize_batched(docs, augmentations, store, model_path, cfg)
 
 
 def _parse_dataset_arg(spec: str) -> tuple[str | None, str]:
@@ -223,7 +223,7 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
     from prag_vllm.evaluation.report import write_outputs
     from prag_vllm.evaluation.warmup import train_warmup_adapter, warmup_key
     from prag_vllm.pipeline import ParametricRAG
-    from prag_vllm.retrieve import BM25Retriever
+    from prag_vllm.retrieve.factory import RetrieverConfig, build_retriever
 
     runs = prepare(cfg)
     adapter_modes = [m for m in cfg.modes if m in ADAPTER_MODES]
@@ -242,7 +242,8 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
     for run in runs:
         if run.documents is None:
             continue
-        retrievers[run.name] = BM25Retriever.build_or_load(run.documents, run.ws.index_dir)
+        retrievers[run.name] = build_retriever(RetrieverConfig(kind="bm25", index_dir=str(run.ws.index_dir)),
+                                               run.documents)
         hits = retrievers[run.name].retrieve([q.question for q in run.questions], cfg.top_k)
         needed[run.name] = list({h.doc.id: h.doc for row in hits for h in row}.values())
         logger.info("%s: %d questions retrieve %d distinct documents (top-%d)", run.name, len(run.questions),

@@ -66,7 +66,7 @@ def train_warmup_adapter(pairs: list[tuple[str, str]], model_path: str | os.Path
         logger.info("warm-up adapter already trained: %s", out_dir)
         return {"pairs": len(pairs), "trained": False, "seconds": 0.0, "path": str(out_dir)}
     t0 = time.perf_counter()
-    trainer = DocumentTrainer(model_path, replace(cfg, warmup_adapter=None, epochs=epochs))
+    trainer = DocumentTrainer(model_path, replace(cfg, warmup_adapter=None, epochs=epochs, recipe="default"))
     tok = trainer.tokenizer
     torch.manual_seed(WARMUP_SEED)
     with torch.no_grad():

@@ -30,6 +30,8 @@ class SlotRouter:
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
         """``[N]`` slot index per batch row, set by the trainer before each forward."""
+        self.bypass: bool = False
+        """True: every layer computes the frozen base model alone (a distillation teacher)."""
 
 
 class StackedLoraLinear(nn.Module):
@@ -60,6 +62,8 @@ class StackedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if self.router.bypass:
+            return result
         rows = self.router.rows
         if rows is None:
             raise RuntimeError("StackedLoraLinear: the trainer did not route the batch rows to slots")

@@ -1,8 +1,8 @@
 """What each document trains on, step by step, and how a round's sequences are batched.
 
 :func:`plan_document` reproduces :class:`prag_vllm.parameterize.DocumentTrainer`'s data
-exactly: the same tokenised training texts, the same seed (from the document id), the
-same per-epoch shuffle drawn from a generator seeded with it, the same steps. Each round
+exactly: the same recipe's examples (token ids and loss targets), the same init seed,
+the same per-epoch order, the same steps. Each round
 of the batched trainer runs one step of every document in flight; :func:`micro_batches`
 groups that round's sequences by length (by default only equal lengths: no padding).
 """
@@ -10,13 +10,14 @@ groups that round's sequences by length (by default only equal lengths: no paddi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
-from prag_vllm.parameterize import _doc_seed as doc_seed, training_texts
+from prag_vllm.parameterize import TrainConfig, init_seed, step_order, training_examples
+from prag_vllm.sequences import Example
 
 logger = logging.getLogger(__name__)
 
@@ -28,30 +29,29 @@ class DocPlan:
     doc: Document
     """The document."""
     seed: int
-    """Seed of its LoRA init and of its shuffles."""
-    sequences: list[list[int]]
-    """Token ids of its training sequences (truncated to ``max_length``)."""
+    """Seed of its LoRA init."""
+    examples: list[Example]
+    """Its training sequences: token ids, loss targets, objective (truncated to ``max_length``)."""
     steps: list[list[int]]
     """Per optimizer step, the indices of the sequences it trains on, in order."""
+    teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """``kl`` sequences: teacher top-k (token ids, log-probabilities) per target, filled on admission."""
+
+    @property
+    def sequences(self) -> list[list[int]]:
+        return [ex.input_ids for ex in self.examples]
 
     @property
     def tokens(self) -> int:
         """Tokens it trains on over all epochs (the per-document trainer's count)."""
-        return sum(len(self.sequences[i]) for step in self.steps for i in step)
+        return sum(len(self.examples[i].input_ids) for step in self.steps for i in step)
 
 
-def plan_document(doc: Document, aug: Augmentation | None, tokenizer, *, epochs: int, batch_size: int,
-                  max_length: int, seed: int) -> DocPlan:
+def plan_document(doc: Document, aug: Augmentation | None, tokenizer, cfg: TrainConfig) -> DocPlan:
     """The sequences and step order :class:`~prag_vllm.parameterize.DocumentTrainer` would use."""
-    s = doc_seed(seed, doc.id)
-    enc = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
-           for t in training_texts(doc, aug, tokenizer)]
-    gen = torch.Generator().manual_seed(s)
-    steps = []
-    for _ in range(epochs):
-        order = torch.randperm(len(enc), generator=gen).tolist()
-        steps += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    return DocPlan(doc=doc, seed=s, sequences=enc, steps=steps)
+    examples = training_examples(doc, aug, tokenizer, cfg)
+    return DocPlan(doc=doc, seed=init_seed(cfg, doc.id), examples=examples,
+                   steps=step_order(cfg, len(examples), doc.id))
 
 
 def micro_batches(rows: list[tuple[int, list[int]]], max_tokens: int,

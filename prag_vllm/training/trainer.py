@@ -29,7 +29,8 @@ from prag_vllm.adapters import FFN_TARGETS, LoraAdapter
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
 from prag_vllm.errors import AdapterError, InputError
-from prag_vllm.parameterize import TrainConfig
+from prag_vllm.parameterize import TrainConfig, recipe_meta
+from prag_vllm.sequences import Example
 from prag_vllm.training.layer import attach_stacked_lora
 from prag_vllm.training.optim import SlotAdamW
 from prag_vllm.training.schedule import DocPlan, micro_batches, plan_document
@@ -96,8 +97,6 @@ class BatchedTrainer:
 
         self.cfg = cfg or TrainConfig()
         self.batch = batch or BatchConfig()
-        if self.cfg.precision not in ("bf16-mixed", "float32"):
-            raise InputError(f"unknown training precision {self.cfg.precision!r} (bf16-mixed or float32)")
         if self.batch.slots < 1 or self.batch.max_batch_tokens < 1 or self.batch.loss_chunk_tokens < 1:
             raise InputError("slots, max_batch_tokens and loss_chunk_tokens must be positive")
         if not 0.0 <= self.batch.max_padding < 1.0:
@@ -124,8 +123,9 @@ class BatchedTrainer:
 
     # -- one document in or out of a slot ---------------------------------------------------
     def plan(self, doc: Document, aug: Augmentation | None) -> DocPlan:
-        return plan_document(doc, aug, self.tokenizer, epochs=self.cfg.epochs, batch_size=self.cfg.batch_size,
-                             max_length=self.cfg.max_length, seed=self.cfg.seed)
+        plan = plan_document(doc, aug, self.tokenizer, self.cfg)
+        self._teacher(plan)
+        return plan
 
     def _admit(self, slot: int, plan: DocPlan) -> None:
         """Fresh LoRA (seeded init in PEFT's layer order, or the warm-up) and fresh AdamW state."""
@@ -137,10 +137,10 @@ class BatchedTrainer:
     def _export(self, slot: int, state: _Slot) -> TrainedDocument:
         plan = state.plan
         weights = {name: layer.factors(slot) for name, layer in self.layers.items()}
-        stats = {"sequences": len(plan.sequences), "steps": len(plan.steps), "tokens": plan.tokens,
+        stats = {"sequences": len(plan.examples), "steps": len(plan.steps), "tokens": plan.tokens,
                  "final_loss": state.last_loss, "seconds": time.perf_counter() - state.started}
         adapter = LoraAdapter(r=self.cfg.rank, alpha=self.cfg.alpha, weights=weights, base_model=self.model_path)
-        adapter.meta = {"train": {**stats, "epochs": self.cfg.epochs, "lr": self.cfg.lr, "seed": plan.seed,
+        adapter.meta = {"train": {**stats, **recipe_meta(self.cfg), "seed": plan.seed,
                                   "init": "warmup" if self.warmup else "random", "trainer": "batched"}}
         return TrainedDocument(plan.doc, adapter, stats)
 
@@ -179,12 +179,13 @@ class BatchedTrainer:
 
     def _round(self, active: dict[int, _Slot]) -> None:
         """One optimizer step of every document in ``active``."""
-        rows: list[tuple[int, list[int]]] = []
+        rows: list[tuple[int, Example]] = []
         targets: dict[int, int] = {}
-        for slot, st in active.items():
-            seqs = [st.plan.sequences[i] for i in st.plan.steps[st.next_step]]
-            targets[slot] = max(1, sum(len(s) - 1 for s in seqs))  # the mean's denominator, as in HF's loss
-            rows += [(slot, s) for s in seqs]
+        active = {slot: st for slot, st in active.items() if st.next_step < len(st.plan.steps)}
+        for slot, st in active.items():  # (a document with no sequences to train has no steps)
+            idx = st.plan.steps[st.next_step]
+            targets[slot] = max(1, sum(st.plan.examples[i].n_targets for i in idx))  # HF's mean denominator
+            rows += [(slot, st.plan.examples[i], st.plan.teacher.get(i)) for i in idx]
         losses = torch.zeros(self.batch.slots, dtype=torch.float64)
         for mb in micro_batches(rows, self.batch.max_batch_tokens, self.batch.max_padding):
             self._forward_backward(mb, targets, losses)
@@ -195,34 +196,66 @@ class BatchedTrainer:
             st.last_loss = float(losses[slot])
         self.counters["rounds"] += 1
 
-    def _forward_backward(self, rows: list[tuple[int, list[int]]], targets: dict[int, int],
-                          losses: torch.Tensor) -> None:
-        """Forward and backward of one micro-batch; gradients accumulate in the stacked LoRAs."""
-        width = max(len(seq) for _, seq in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for n, (_, seq) in enumerate(rows):
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for n, seq in enumerate(seqs):
             ids[n, :len(seq)] = torch.tensor(seq)
             mask[n, :len(seq)] = 1
-        slots = torch.tensor([slot for slot, _ in rows], dtype=torch.long)
+        return ids, mask
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16-mixed")
+
+    @torch.no_grad()
+    def _teacher(self, plan: DocPlan) -> None:
+        """Top-k next-token log-probabilities of the base model (no LoRA) on each ``kl``
+        sequence's teacher prompt, at the positions predicting its targets (computed once)."""
+        k = self.cfg.distill_top_k
+        for i, ex in enumerate(plan.examples):
+            if ex.objective != "kl":
+                continue
+            ids, mask = self._pad([ex.teacher_ids])
+            at = torch.tensor([t - 1 for t in range(1, len(ex.teacher_ids)) if ex.teacher_targets[t]])
+            self.router.bypass = True
+            try:
+                with self._autocast():
+                    hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state[0, at]
+                    logp = torch.log_softmax(self.lm_head(hidden).float(), dim=-1)
+            finally:
+                self.router.bypass = False
+            top = logp.topk(min(k, logp.shape[-1]), dim=-1)
+            plan.teacher[i] = (top.indices, top.values)
+
+    def _forward_backward(self, rows: list[tuple], targets: dict[int, int], losses: torch.Tensor) -> None:
+        """Forward and backward of one micro-batch; gradients accumulate in the stacked LoRAs."""
+        ids, mask = self._pad([ex.input_ids for _, ex, _ in rows])
+        slots = torch.tensor([slot for slot, _, _ in rows], dtype=torch.long)
         self.router.rows = slots
-        # position t predicts token t+1; it counts if token t+1 is real (HF's shifted labels)
-        valid = mask[:, 1:].bool()
-        weight = torch.tensor([1.0 / targets[slot] for slot, _ in rows]).unsqueeze(1).expand_as(valid)[valid]
+        # position t predicts token t+1; it counts if token t+1 is a target (HF's shifted labels)
+        tmask = torch.zeros_like(mask, dtype=torch.bool)
+        for n, (_, ex, _) in enumerate(rows):
+            tmask[n, :len(ex.targets)] = torch.tensor(ex.targets)
+        valid = tmask[:, 1:]
+        weight = torch.tensor([1.0 / targets[slot] for slot, _, _ in rows]).unsqueeze(1).expand_as(valid)[valid]
         tok_slot = slots.unsqueeze(1).expand_as(valid)[valid]
         labels = ids[:, 1:][valid]
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16-mixed")
+        kl = _kl_targets(rows, labels.shape[0], self.cfg.distill_top_k)
         try:
-            with autocast:
+            with self._autocast():
                 hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 hidden = hidden[:, :-1][valid]  # [T, hidden]
             # the vocabulary projection and loss in chunks: only a chunk's logits are ever in memory
             h = hidden.detach().requires_grad_()
             for c in range(0, h.shape[0], self.batch.loss_chunk_tokens):
                 part = slice(c, c + self.batch.loss_chunk_tokens)
-                with autocast:
+                with self._autocast():
                     logits = self.lm_head(h[part]).float()
                     token_loss = torch.nn.functional.cross_entropy(logits, labels[part], reduction="none")
+                    if kl is not None and kl[0][part].any():
+                        is_kl, t_idx, t_logp = (x[part] for x in kl)
+                        token_loss = torch.where(is_kl, topk_kl(logits, t_idx, t_logp), token_loss)
                     weighted = token_loss * weight[part]
                 weighted.sum().backward()
                 losses.index_add_(0, tok_slot[part], weighted.detach().double())
@@ -233,3 +266,36 @@ class BatchedTrainer:
         self.counters["micro_batches"] += 1
         self.counters["tokens"] += int(mask.sum())
         self.counters["padded_tokens"] += ids.numel()
+
+
+def _kl_targets(rows: list[tuple], n_tokens: int, k: int):
+    """Per target token (in the order of the flattened targets): whether it is a ``kl``
+    target, and the teacher's top-k ids and log-probabilities; None without ``kl`` rows."""
+    if all(teacher is None for _, _, teacher in rows):
+        return None
+    is_kl = torch.zeros(n_tokens, dtype=torch.bool)
+    t_idx = torch.zeros(n_tokens, k, dtype=torch.long)
+    t_logp = torch.full((n_tokens, k), -torch.inf)
+    pos = 0
+    for _, ex, teacher in rows:
+        n = ex.n_targets
+        if teacher is not None:
+            idx, logp = teacher
+            is_kl[pos:pos + n] = True
+            t_idx[pos:pos + n, :idx.shape[1]] = idx
+            t_logp[pos:pos + n, :idx.shape[1]] = logp
+        pos += n
+    return is_kl, t_idx, t_logp
+
+
+def topk_kl(logits: torch.Tensor, t_idx: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per row over the teacher's top-k tokens plus one bucket for
+    the rest of the vocabulary: exactly 0 when the student's distribution is the teacher's,
+    and the full KL when k covers the vocabulary."""
+    s_logp = torch.log_softmax(logits.float(), dim=-1)
+    s_top = s_logp.gather(1, t_idx)
+    p_t = t_logp.exp()
+    rest_t = (1 - p_t.sum(1)).clamp_min(1e-12)
+    rest_s = (1 - s_top.exp().sum(1)).clamp_min(1e-12)
+    top = torch.where(p_t > 0, p_t * (t_logp - s_top), torch.zeros_like(p_t)).sum(1)
+    return top + rest_t * (rest_t.log() - rest_s.log())

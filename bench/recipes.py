@@ -1,0 +1,247 @@
+"""Training recipes compared: does a document's knowledge get into its adapter, cleanly?
+
+One vLLM engine (default model) for everything; work dirs under
+``$PRAG_CACHE_DIR/bench/recipes`` (resumable: rerun the same command to continue).
+
+1. **fictional**: ``prag bench-data fictional`` (invented entities: closed-book cannot
+   know them). Every document is augmented and trained under each recipe; all five modes
+   at top-3 (``prag eval`` machinery); then *merge interference*: parametric F1 with the
+   gold documents forced into a merge of k = 1, 2, 3, 5 adapters (the rest BM25's next hits).
+2. **2wiki**: the shared 2WikiMultihopQA sample, ``--per-type 5``, top-3, five modes.
+
+Writes ``OUT.json`` (keys ``fictional`` and ``2wiki``: per recipe and mode ``f1``, ``em``,
+``template_leaks``, ``hit_max_tokens``, ``questions``; per recipe ``train_s_per_doc``)
+and ``OUT.md``, and each run's ``prag eval`` report under ``OUT/``.
+
+    python bench/recipes.py --recipes default,paper,distill --out docs/results/recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prag_vllm.audit import AnswerAudit
+from prag_vllm.fileio import JsonlAppender, atomic_write_json, atomic_write_text, read_jsonl
+from prag_vllm.metrics import best_scores, extract_answer
+
+logger = logging.getLogger("bench.recipes")
+MODES = ["closed-book", "standard", "da-rag", "parametric", "combined"]
+
+
+def machine() -> dict:
+    flags = subprocess.run(["bash", "-c", "lscpu | grep -i 'model name\\|^flags'"], capture_output=True, text=True).stdout
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in flags + " "]
+    name = next((line.split(":", 1)[1].strip() for line in flags.splitlines() if "odel name" in line), platform.processor())
+    return {"cpu": name, "isa": isa, "cores": __import__("os").cpu_count()}
+
+
+def mode_table(metrics: dict) -> dict:
+    """``{mode: {f1, em, template_leaks, hit_max_tokens, questions}}`` of a one-dataset ``prag eval`` run."""
+    (ds,) = metrics["datasets"].values()
+    return {e["mode"]: {"f1": e["f1"]["total"], "em": e["em"]["total"], "template_leaks": e.get("template_leaks", 0),
+                        "hit_max_tokens": e.get("hit_max_tokens", 0), "questions": e["n"]["total"]}
+            for e in ds["rows"]}
+
+
+def train_all(docs, augs, store, model_path, tcfg, timing_file: Path) -> float | None:
+    """Train every document (resumable); seconds per document of the runs that trained."""
+    from prag_vllm.training.driver import parameterize_batched
+
+    timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {"docs": 0, "seconds": 0.0}
+    summary = parameterize_batched(docs, augs, store, model_path, tcfg)
+    if summary["trained"]:
+        timing = {"docs": timing["docs"] + summary["trained"], "seconds": timing["seconds"] + summary["seconds"]}
+        atomic_write_json(timing_file, timing)
+    return round(timing["seconds"] / timing["docs"], 2) if timing["docs"] else None
+
+
+def interference(engine, questions, docs, retriever, store, ks: list[int], out: Path, max_tokens: int) -> dict:
+    """Parametric F1 per k with the gold documents forced into the merge (bare question)."""
+    from prag_vllm.merge import MergedAdapterCache
+    from prag_vllm.modes import get_mode
+
+    merged = MergedAdapterCache(store)
+    audit = AnswerAudit.for_tokenizer(engine.tokenizer)
+    path = out / "interference.jsonl"
+    done = {(r["id"], r["k"]) for r in read_jsonl(path, tolerate_torn_tail=True)} if path.is_file() else set()
+    hits = retriever.retrieve([q["question"] for q in questions], max(ks) + 2)
+    mode = get_mode("parametric")
+    with JsonlAppender(path) as log:
+        for k in ks:
+            todo = [(q, h) for q, h in zip(questions, hits) if (q["id"], k) not in done]
+            if not todo:
+                continue
+            sets = []
+            for q, h in todo:
+                ids = list(q["docs"])
+                ids += [x.doc.id for x in h if x.doc.id not in ids]
+                sets.append(ids[:k])
+            prepared = [merged.get(ids) for ids in sets]
+            gens = engine.generate([mode.messages(q["question"], []) for q, _ in todo], prepared, max_tokens=max_tokens)
+            rows = []
+            for (q, _), ids, g in zip(todo, sets, gens):
+                answer = extract_answer(g.text)
+                em, f1 = best_scores(answer, q["answers"])
+                rows.append({"id": q["id"], "k": k, "type": q["type"], "merged": ids,
+                             "gold_in_merge": sum(d in ids for d in q["docs"]), "answer": answer,
+                             "generation": g.text, "em": em, "f1": f1,
+                             **audit.check(g.text, g.token_ids, g.finish_reason)})
+            log.write_many(rows)
+    rows = read_jsonl(path, tolerate_torn_tail=True)
+    table = {}
+    for k in ks:
+        mine = [r for r in rows if r["k"] == k]
+        entry = {"f1": _mean([r["f1"] for r in mine]), "questions": len(mine),
+                 "template_leaks": sum(r["template_leak"] for r in mine)}
+        for t in ("single-hop", "two-hop"):
+            entry[f"f1_{t}"] = _mean([r["f1"] for r in mine if r["type"] == t])
+        table[str(k)] = entry
+    return table
+
+
+def train_config(spec: str):
+    """``recipe[:key=value...]`` (keys: lr, epochs, loss) -> TrainConfig, e.g. ``default:lr=1e-3:epochs=5``."""
+    from prag_vllm.parameterize import TrainConfig
+
+    name, *opts = spec.split(":")
+    kw = {}
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        kw[{"loss": "loss_policy"}.get(key, key)] = {"lr": float, "epochs": int}.get(key, str)(value)
+    return TrainConfig(recipe=name, **kw)
+
+
+def _mean(v: list[float]) -> float | None:
+    return round(sum(v) / len(v), 4) if v else None
+
+
+def run(args) -> dict:
+    from prag_vllm.augment import AugmentConfig, augment_corpus
+    from prag_vllm.benchdata import generate, write
+    from prag_vllm.corpus import load_corpus
+    from prag_vllm.evaluation.cli import LazyEngine
+    from prag_vllm.evaluation.run import EvalConfig, _augmentations_path, prepare, run_eval
+    from prag_vllm.generate import EngineConfig
+    from prag_vllm.models import resolve_model
+    from prag_vllm.retrieve.factory import RetrieverConfig, build_retriever
+
+    work, out = Path(args.work).expanduser(), Path(args.out)
+    model_path = resolve_model(args.model)
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": model_path.name,
+               "machine": machine(), "command": "python bench/recipes.py " + " ".join(args.argv),
+               "fictional": {}, "2wiki": {}}
+    recipes = [r for r in args.recipes.split(",") if r]
+    engine_cfg = EngineConfig(model=str(model_path), max_model_len=4096, max_lora_rank=16, max_loras=8)
+    t_start = time.perf_counter()
+    with LazyEngine(engine_cfg) as engine:
+        if args.fictional_docs:
+            fdir = work / f"fictional-{args.fictional_docs}-s{args.seed}"
+            if not (fdir / "questions.jsonl").is_file():
+                write(generate(args.fictional_docs, args.seed), fdir)
+            questions = read_jsonl(fdir / "questions.jsonl")
+            docs = load_corpus(fdir / "corpus.jsonl")
+            base = dict(datasets=[f"jsonl={fdir / 'questions.jsonl'}"], corpus=str(fdir / "corpus.jsonl"),
+                        work_dir=work / "work-fictional", modes=MODES, top_k=3, max_tokens=args.max_tokens)
+            (frun,) = prepare(EvalConfig(out_dir=out / "fictional" / "x", **base))
+            acfg = AugmentConfig()
+            augs = augment_corpus(docs, engine, _augmentations_path(frun, model_path.name, acfg), acfg)
+            retriever = build_retriever(RetrieverConfig(kind="bm25", index_dir=str(frun.ws.index_dir)), docs)
+            for r in recipes:
+                tcfg = train_config(r)
+                store = frun.ws.store(model_path, tcfg)
+                rate = train_all(docs, augs, store, model_path, tcfg, store.root / "bench_timing.json")
+                rdir = out / "fictional" / r.replace(":", "_")
+                metrics = run_eval(EvalConfig(out_dir=rdir, train=tcfg, **base), engine, model_path)
+                entry = {"modes": mode_table(metrics), "train_s_per_doc": rate, "epochs": tcfg.epochs,
+                         "loss_policy": tcfg.loss_policy, "lr": tcfg.lr}
+                entry["interference"] = interference(engine, questions, docs, retriever, store, args.ks, rdir,
+                                                     args.max_tokens)
+                results["fictional"][r] = entry
+                atomic_write_json(out.with_suffix(".partial.json"), results)
+                logger.info("fictional %s: %s", r, json.dumps(entry["modes"]))
+        if args.wiki_per_type:
+            for r in [r for r in args.wiki_recipes.split(",") if r]:
+                tcfg = train_config(r)
+                t0 = time.perf_counter()
+                metrics = run_eval(EvalConfig(datasets=[args.wiki], out_dir=out / "2wiki" / r.replace(":", "_"), work_dir=work / "work",
+                                              per_type=args.wiki_per_type, modes=MODES, top_k=3, train=tcfg,
+                                              max_tokens=args.max_tokens), engine, model_path)
+                (ds,) = metrics["datasets"].values()
+                rate = ds["offline"]["train_s_per_doc"].get("random")
+                results["2wiki"][r] = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None,
+                                       "epochs": tcfg.epochs, "loss_policy": tcfg.loss_policy, "lr": tcfg.lr,
+                                       "seconds": round(time.perf_counter() - t0)}
+                atomic_write_json(out.with_suffix(".partial.json"), results)
+    results["wall_s"] = round(time.perf_counter() - t_start)
+    return results
+
+
+def report(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"# Training recipes: knowledge injection ({res['model']})", "",
+             f"{res['date']}, {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores; wall {res['wall_s']} s.",
+             f"Command: `{res['command']}`", ""]
+    for ds in ("fictional", "2wiki"):
+        if not res[ds]:
+            continue
+        lines += [f"## {ds}", "", "| recipe | mode | F1 | EM | template leaks | hit max_tokens | questions |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for r, e in res[ds].items():
+            for mode, v in e["modes"].items():
+                lines.append(f"| {r} | {mode} | {v['f1']:.3f} | {v['em']:.3f} | {v['template_leaks']} "
+                             f"| {v['hit_max_tokens']} | {v['questions']} |")
+        lines += ["", "| recipe | loss policy | epochs | lr | train s/doc |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r} | {e['loss_policy']} | {e['epochs']} | {e['lr']} | {e['train_s_per_doc']} |"
+                  for r, e in res[ds].items()]
+        if ds == "fictional":
+            lines += ["", "Merge interference (parametric, gold documents forced into a merge of k):", "",
+                      "| recipe | k | F1 | F1 single-hop | F1 two-hop | template leaks |", "|---|---:|---:|---:|---:|---:|"]
+            for r, e in res[ds].items():
+                for k, v in e["interference"].items():
+                    lines.append(f"| {r} | {k} | {v['f1']} | {v['f1_single-hop']} | {v['f1_two-hop']} "
+                                 f"| {v['template_leaks']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cache = Path(os.environ.get("PRAG_CACHE_DIR", "~/.cache/prag-vllm")).expanduser()
+    p.add_argument("--recipes", default="default,paper,distill")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--fictional-docs", type=int, default=40, help="0: skip the fictional benchmark")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 5])
+    p.add_argument("--wiki", default=str(Path(__file__).resolve().parents[2] / "shared/data/2wikimultihopqa/dev_sample.json"))
+    p.add_argument("--wiki-per-type", type=int, default=5, help="0: skip 2Wiki")
+    p.add_argument("--wiki-recipes", default="paper,default")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--work", default=str(cache / "bench" / "recipes"))
+    p.add_argument("--out", default="docs/results/recipes")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    res = run(args)
+    out = Path(args.out)
+    atomic_write_json(out.with_suffix(".json"), res)
+    atomic_write_text(out.with_suffix(".md"), report(res))
+    print(report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
