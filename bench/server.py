@@ -41,7 +41,6 @@ def build_workspace(root: Path, demo: Path, model_path: Path, fillers: int) -> t
     import torch
     from transformers import AutoConfig
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from prag_vllm.adapters import AdapterStore
     from prag_vllm.corpus import load_corpus
     from prag_vllm.workspace import Workspace

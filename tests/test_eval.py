@@ -7,6 +7,7 @@ import pytest
 from conftest import SHARED_DATA
 from prag_vllm.augment import AugmentConfig
 from prag_vllm.evaluation import EvalConfig, run_eval
+from prag_vllm.metrics import best_scores
 from prag_vllm.parameterize import TrainConfig
 
 pytestmark = pytest.mark.vllm
@@ -54,7 +55,13 @@ def test_eval_end_to_end_and_resume(vllm_engine, tmp_path):
     ds = metrics["datasets"]["hotpotqa"]
     assert ds["questions"] == 3 and ds["offline"]["documents"] >= 1
     assert [s["label"] for s in ds["rows"]] == ["standard", "parametric"]
-    assert all(s["n"]["total"] == 3 and 0 <= s["f1"]["total"] <= 1 for s in ds["rows"])
+    for r in rows:  # each row scored against its gold answers
+        assert (r["em"], r["f1"]) == best_scores(r["answer"], r["answers"])
+    for s in ds["rows"]:  # each table row: the mean over its mode's rows
+        mine = [r for r in rows if r["mode"] == s["mode"]]
+        assert s["n"]["total"] == len(mine) == 3
+        assert s["f1"]["total"] == pytest.approx(sum(r["f1"] for r in mine) / 3)
+        assert s["em"]["total"] == pytest.approx(sum(r["em"] for r in mine) / 3)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["datasets"]["hotpotqa"]["rows"][0]["f1"] == ds["rows"][0]["f1"]
     assert saved["timings"]["hotpotqa"]["train"]["random"]["docs"] == ds["offline"]["documents"]

@@ -75,10 +75,16 @@ def test_no_adapter_tokens_get_exactly_zero(data):
     assert torch.equal(y_all_base, y)
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="vLLM 0.32 bug (canary): the stock CPU torch ops index slot -1 (no adapter) as the "
+                          "last slot, so a token without an adapter gets that slot's weights. The plugin's "
+                          "grouped ops and the zero-adapter guard work around it; when vLLM fixes it this test "
+                          "passes, strict xfail fails, and both workarounds can be revisited.")
 def test_stock_op_applies_last_slot_to_no_adapter_tokens(data):
-    """The upstream bug at op level: slot -1 reads the last slot's weights."""
+    """The upstream bug at op level: slot -1 must mean 'no adapter' (zero), but reads the last slot."""
     x, a, b, h, y = data
     idx = torch.tensor([-1] + [0] * (T - 1))
     o = torch.zeros(T, R)
     ref.bgmv_shrink(x, a, o, idx, 1.0)
-    torch.testing.assert_close(o[0], x[0] @ a[SLOTS - 1, 0].T)
+    assert not torch.equal(x[0] @ a[SLOTS - 1, 0].T, torch.zeros(R))  # the last slot holds something
+    assert torch.equal(o[0], torch.zeros(R)), "stock op applied the last slot's adapter to a no-adapter token"

@@ -14,10 +14,14 @@ Off with ``PRAG_LORA_COMPILE=0``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import torch
+
+from prag_vllm.vllm_plugin import patching
+from prag_vllm.vllm_plugin.patching import Patcher
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +44,26 @@ def _lora_linear_fake(y: torch.Tensor, x: torch.Tensor, layer: str) -> None:
 
 
 def _register_op() -> None:
+    """Register ``torch.ops.prag.lora_linear`` (once per process). torch cannot unregister an
+    op: after a rollback it stays registered but unreachable (only the patched
+    ``_apply_lora_to_output`` calls it, and the rollback restores vLLM's own)."""
     global _LIB
     if _LIB is not None:
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    _LIB = torch.library.Library("prag", "FRAGMENT")
+    lib = torch.library.Library("prag", "FRAGMENT")
     direct_register_custom_op("lora_linear", _lora_linear, mutates_args=["y"], fake_impl=_lora_linear_fake,
-                              target_lib=_LIB, dispatch_key="CPU")
+                              target_lib=lib, dispatch_key="CPU")
+    _LIB = lib  # only once registered: a failed registration is tried again by the next install
 
 
-def install() -> None:
+def install(patcher: Patcher | None = None) -> None:
     """Patch vLLM (in this process) so LoRA engines on CPU keep compilation (idempotent)."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.platforms import cpu
+
+    p = patching.default(patcher)
 
     if getattr(BaseLinearLayerWithLoRA, "_prag_compile", False):
         return
@@ -61,6 +71,7 @@ def install() -> None:
     platform = cpu.CpuPlatform
     check = platform.check_and_update_config.__func__
 
+    @functools.wraps(check)
     def check_and_update_config(cls, vllm_config) -> None:
         lora = vllm_config.lora_config
         vllm_config.lora_config = None  # the only thing vLLM keys "no compilation" on
@@ -71,6 +82,7 @@ def install() -> None:
 
     init = BaseLinearLayerWithLoRA.__init__
 
+    @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
         name = f"{getattr(self.base_layer, 'prefix', '') or 'layer'}#{id(self)}"
@@ -84,8 +96,8 @@ def install() -> None:
         torch.ops.prag.lora_linear(output, x, self._prag_name)
         return output.view(shape) if shape is not None else output
 
-    platform.check_and_update_config = classmethod(check_and_update_config)
-    BaseLinearLayerWithLoRA.__init__ = __init__
-    BaseLinearLayerWithLoRA._apply_lora_to_output = apply_lora_to_output
-    BaseLinearLayerWithLoRA._prag_compile = True
+    p.set(platform, "check_and_update_config", classmethod(check_and_update_config))
+    p.set(BaseLinearLayerWithLoRA, "__init__", __init__)
+    p.set(BaseLinearLayerWithLoRA, "_apply_lora_to_output", apply_lora_to_output)
+    p.set(BaseLinearLayerWithLoRA, "_prag_compile", True)
     logger.debug("prag: torch.compile kept on for LoRA engines (LoRA as an opaque op)")

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from prag_vllm.vllm_plugin import ranks
+from prag_vllm.vllm_plugin import patching, ranks
+from prag_vllm.vllm_plugin.patching import Patcher
 
 logger = logging.getLogger(__name__)
 
@@ -124,26 +125,25 @@ def _wrap(original, reset: bool):
     return write
 
 
-def install() -> None:
+def install(patcher: Patcher | None = None) -> None:
     """Wrap ``set_lora`` and ``reset_lora`` of every vLLM LoRA layer class (idempotent).
     Runs after :func:`prag_vllm.vllm_plugin.parts.install`, whose wrapper recognizes
     vLLM's own ``set_lora`` functions."""
+    from vllm.lora.layers.base import BaseLayerWithLoRA
+    from vllm.v1.worker.worker_base import WorkerBase
+
     from prag_vllm.vllm_plugin import parts
 
-    parts.install()
-    from vllm.lora.layers.base import BaseLayerWithLoRA
-
+    p = patching.default(patcher)
+    parts.install(p)
     for cls in parts._subclasses(BaseLayerWithLoRA):
         for name in ("set_lora", "reset_lora"):
             fn = cls.__dict__.get(name)
             if fn is not None and not getattr(fn, "_prag_gather", False):
-                setattr(cls, name, _wrap(fn, reset=name == "reset_lora"))
-    try:  # a worker RPC (``collective_rpc("prag_gather_state")``): what the kernels did here
-        from vllm.v1.worker.worker_base import WorkerBase
-
-        WorkerBase.prag_gather_state = lambda self: state()
-    except ImportError:
-        pass
+                p.set(cls, name, _wrap(fn, reset=name == "reset_lora"))
+    if "prag_gather_state" not in WorkerBase.__dict__:
+        # a worker RPC (``collective_rpc("prag_gather_state")``): what the kernels did here
+        p.set(WorkerBase, "prag_gather_state", lambda self: state())
 
 
 def state() -> dict:

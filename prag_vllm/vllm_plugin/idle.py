@@ -24,7 +24,8 @@ from __future__ import annotations
 import functools
 import logging
 
-from prag_vllm.vllm_plugin import settings
+from prag_vllm.vllm_plugin import patching, settings
+from prag_vllm.vllm_plugin.patching import Patcher
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,13 @@ def busy_loop_seconds() -> float:
     return settings.BUSY_LOOP_S.get()
 
 
-def install() -> None:
+def install(patcher: Patcher | None = None) -> None:
     """Patch ``SpinCondition`` so readers spin for :func:`busy_loop_seconds` (idempotent)."""
-    try:
-        from vllm.distributed.device_communicators import shm_broadcast
-    except ImportError:
-        return
-    cls = getattr(shm_broadcast, "SpinCondition", None)
-    if cls is None or getattr(cls, "_prag_idle", False):
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    p = patching.default(patcher)
+    cls = shm_broadcast.SpinCondition
+    if getattr(cls, "_prag_idle", False):
         return
     init, seconds = cls.__init__, busy_loop_seconds()
 
@@ -53,8 +53,8 @@ def install() -> None:
     def patched_init(self, is_reader, context, notify_address, busy_loop_s=None):
         init(self, is_reader, context, notify_address, busy_loop_s=seconds if busy_loop_s is None else busy_loop_s)
 
-    cls.__init__ = patched_init
-    cls._prag_idle = True
-    if getattr(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", 0) > RECHECK_MS:
-        shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS = RECHECK_MS
+    p.set(cls, "__init__", patched_init)
+    p.set(cls, "_prag_idle", True)
+    if shm_broadcast.SHM_READER_RECHECK_INTERVAL_MS > RECHECK_MS:
+        p.set(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", RECHECK_MS)
     logger.debug("prag: vLLM shared-memory readers spin for %.3f s after a read", seconds)

@@ -23,6 +23,9 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+from prag_vllm.vllm_plugin import patching
+from prag_vllm.vllm_plugin.patching import Patcher
+
 logger = logging.getLogger(__name__)
 
 MAX_WHOLE_READ = 64 << 20
@@ -107,13 +110,14 @@ def memoized_name_parser(parse):
     return parse_cached
 
 
-def install() -> None:
+def install(patcher: Patcher | None = None) -> None:
     """Patch ``vllm.lora.lora_model`` (idempotent)."""
     from vllm.lora import lora_model
 
+    p = patching.default(patcher)
     if getattr(lora_model, "_prag_loading", False):
         return
-    lora_model.parse_fine_tuned_lora_name = memoized_name_parser(lora_model.parse_fine_tuned_lora_name)
-    lora_model.safetensors = _SafetensorsShim(lora_model.safetensors)
-    lora_model._prag_loading = True
+    p.set(lora_model, "parse_fine_tuned_lora_name", memoized_name_parser(lora_model.parse_fine_tuned_lora_name))
+    p.set(lora_model, "safetensors", _SafetensorsShim(lora_model.safetensors))
+    p.set(lora_model, "_prag_loading", True)
     logger.debug("prag: faster LoRA adapter loading installed")

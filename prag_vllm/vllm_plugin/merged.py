@@ -33,11 +33,13 @@ from prag_vllm.adapters import PEFT_PREFIX, WEIGHTS_FILE, LoraAdapter, WeightsSo
 from prag_vllm.errors import AdapterError
 from prag_vllm.lru import ByteLRU
 from prag_vllm.merge import MANIFEST_FILE, check_mergeable, folded, read_manifest
-from prag_vllm.vllm_plugin import settings
+from prag_vllm.vllm_plugin import patching, settings
 from prag_vllm.vllm_plugin.parts import RankParts, as_words
+from prag_vllm.vllm_plugin.patching import Patcher
 from prag_vllm.vllm_plugin.pools import DocStack, stack_document
 
 logger = logging.getLogger(__name__)
+
 
 def cache_bytes_from_env() -> int:
     """``PRAG_WORKER_ADAPTER_CACHE_MB`` in bytes."""
@@ -264,20 +266,23 @@ def pooled_model(cls, lora_model_id: int, docs: list[CachedDocument]):
     return model
 
 
-def install() -> None:
+def install(patcher: Patcher | None = None) -> None:
     """Let ``LoRAModel.from_local_checkpoint`` load manifest directories (idempotent)."""
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.utils import get_lora_id
+    from vllm.v1.worker.worker_base import WorkerBase
 
     from prag_vllm.vllm_plugin import parts, pools
 
+    p = patching.default(patcher)
     if getattr(LoRAModel, "_prag_manifest", False):
         return
-    parts.install()  # RankParts reach vLLM's set_lora
-    pools.install()  # manifests' adapters activate in a few copies
+    parts.install(p)  # RankParts reach vLLM's set_lora
+    pools.install(p)  # manifests' adapters activate in a few copies
     cache_bytes_from_env()  # a bad setting fails here, with its name, not at the first load
     original = LoRAModel.from_local_checkpoint.__func__
 
+    @functools.wraps(original)
     def from_local_checkpoint(cls, lora_dir, expected_lora_modules, peft_helper, *, lora_model_id=None,
                               device="cuda", dtype=None, model_vocab_size=None, weights_mapper=None,
                               skip_prefixes=None, **kwargs):
@@ -297,12 +302,9 @@ def install() -> None:
             peft_helper=peft_helper, device=device, dtype=dtype, model_vocab_size=model_vocab_size,
             weights_mapper=weights_mapper, skip_prefixes=skip_prefixes)
 
-    LoRAModel.from_local_checkpoint = classmethod(from_local_checkpoint)
-    LoRAModel._prag_manifest = True
-    try:  # a method every vLLM worker has, for the server's collective_rpc
-        from vllm.v1.worker.worker_base import WorkerBase
-
-        WorkerBase.prag_preload_parts = preload_parts
-    except ImportError:
-        logger.debug("prag: no vLLM worker base class; document adapters are not preloaded in the worker")
+    p.set(LoRAModel, "from_local_checkpoint", classmethod(from_local_checkpoint))
+    p.set(LoRAModel, "_prag_manifest", True)
+    # a method every vLLM worker has, for the server's collective_rpc (why not vLLM's
+    # ``worker_extension_cls``: docs/design/cpu_lora.md)
+    p.set(WorkerBase, "prag_preload_parts", preload_parts)
     logger.debug("prag: merge manifests load in the worker")

@@ -30,6 +30,9 @@ import logging
 
 import torch
 
+from prag_vllm.vllm_plugin import patching
+from prag_vllm.vllm_plugin.patching import Patcher
+
 logger = logging.getLogger(__name__)
 
 
@@ -266,17 +269,18 @@ def _subclasses(cls) -> list[type]:
     return out
 
 
-def install() -> None:
+def install(patcher: Patcher | None = None) -> None:
     """Wrap ``set_lora`` of every vLLM LoRA layer class (idempotent)."""
     import vllm.lora.layers  # noqa: F401  (imports every layer class)
     from vllm.lora.layers.base import BaseLayerWithLoRA
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
     from vllm.lora.layers.column_parallel_linear import MergedColumnParallelLinearWithLoRA
 
-    known = {BaseLinearLayerWithLoRA.__dict__.get("set_lora"), MergedColumnParallelLinearWithLoRA.__dict__.get("set_lora")}
+    p = patching.default(patcher)
+    known = {BaseLinearLayerWithLoRA.__dict__["set_lora"], MergedColumnParallelLinearWithLoRA.__dict__["set_lora"]}
     for cls in _subclasses(BaseLayerWithLoRA):
         fn = cls.__dict__.get("set_lora")
         if fn is None or getattr(fn, "_prag_parts", False):
             continue
-        cls.set_lora = _wrap(fn, by_parts=fn in known)
+        p.set(cls, "set_lora", _wrap(fn, by_parts=fn in known))
     logger.debug("prag: merged adapters are copied into LoRA slots by document")

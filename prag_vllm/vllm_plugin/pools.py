@@ -29,6 +29,7 @@ anything else activates through vLLM's per-layer ``set_lora``, on the same memor
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import weakref
@@ -37,8 +38,9 @@ from typing import NamedTuple
 
 import torch
 
-from prag_vllm.vllm_plugin import gather, ranks
+from prag_vllm.vllm_plugin import gather, patching, ranks
 from prag_vllm.vllm_plugin.parts import _WORDS, as_words
+from prag_vllm.vllm_plugin.patching import Patcher
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +223,7 @@ def build(modules: dict, packed: dict[str, list[str]]) -> SlotPools | None:
             return None
         for i, sub in enumerate(subs):
             entries.setdefault(sub, []).append((f"{prefix}.{sub}" if prefix else sub, module, i))
-    for kind, items in entries.items():
+    for items in entries.values():
         shapes = {(m.lora_a_stacked[i].shape, m.lora_b_stacked[i].shape, m.lora_a_stacked[i].dtype,
                    m.lora_b_stacked[i].dtype, m.lora_a_stacked[i].device) for _, m, i in items}
         if len(shapes) != 1 or len({n for n, _, _ in items}) != len(items):
@@ -260,7 +262,7 @@ def _activate(manager, pools: SlotPools, lora_model, docs: list[dict[str, DocSta
     return True
 
 
-def install() -> None:
+def install(patcher: Patcher | None = None) -> None:
     """Build the pools when vLLM creates a manager's LoRA layers, and activate merge
     manifests' adapters through them (idempotent; ``PRAG_LORA_SLOT_POOLS=0``: not at all)."""
     from prag_vllm.vllm_plugin import settings
@@ -268,12 +270,15 @@ def install() -> None:
     if settings.SLOT_POOLS.get() == "0":
         return
     from vllm.lora.model_manager import LoRAModelManager
+    from vllm.v1.worker.worker_base import WorkerBase
 
+    p = patching.default(patcher)
     if getattr(LoRAModelManager, "_prag_pools", False):
         return
     create, activate = LoRAModelManager._create_lora_modules, LoRAModelManager.activate_adapter
     pack = LoRAModelManager._create_merged_loras_inplace
 
+    @functools.wraps(create)
     def _create_lora_modules(self):
         global _CURRENT
         create(self)
@@ -285,6 +290,7 @@ def install() -> None:
                            type(exc).__name__, exc)
         _CURRENT = None if self._prag_slot_pools is None else weakref.ref(self._prag_slot_pools)
 
+    @functools.wraps(activate)
     def activate_adapter(self, lora_id: int) -> bool:
         if lora_id not in self._active_adapters and lora_id in self._registered_adapters:
             lora_model = self._registered_adapters[lora_id]
@@ -297,21 +303,18 @@ def install() -> None:
                                  f"here; it has no factors of its own")
         return activate(self, lora_id)
 
+    @functools.wraps(pack)
     def _create_merged_loras_inplace(self, lora_model) -> None:
         if getattr(lora_model, "_prag_docs", None) is not None and not lora_model.loras:
             return  # a pooled model (merged.pooled_model): no factors to pack
         pack(self, lora_model)
 
-    LoRAModelManager._create_lora_modules = _create_lora_modules
-    LoRAModelManager._create_merged_loras_inplace = _create_merged_loras_inplace
-    LoRAModelManager.activate_adapter = activate_adapter
-    LoRAModelManager._prag_pools = True
-    try:  # a worker RPC (``collective_rpc("prag_pool_state")``): whether pools are in use here
-        from vllm.v1.worker.worker_base import WorkerBase
-
-        WorkerBase.prag_pool_state = pool_state
-    except ImportError:
-        pass
+    p.set(LoRAModelManager, "_create_lora_modules", _create_lora_modules)
+    p.set(LoRAModelManager, "_create_merged_loras_inplace", _create_merged_loras_inplace)
+    p.set(LoRAModelManager, "activate_adapter", activate_adapter)
+    p.set(LoRAModelManager, "_prag_pools", True)
+    # a worker RPC (``collective_rpc("prag_pool_state")``): whether pools are in use here
+    p.set(WorkerBase, "prag_pool_state", pool_state)
 
 
 _CURRENT: weakref.ref | None = None

@@ -39,7 +39,8 @@ from typing import NamedTuple
 import torch
 
 from prag_vllm.lru import ByteLRU
-from prag_vllm.vllm_plugin import gather, ranks, settings
+from prag_vllm.vllm_plugin import gather, patching, ranks, settings
+from prag_vllm.vllm_plugin.patching import Patcher
 
 MAX_RUNS = 4
 """Up to this many adapter runs in a step, each run is computed on its own slice."""
@@ -294,12 +295,14 @@ def apply(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.
         apply_plan(plan, y, x, lora_a, lora_b, scale, output_slices)
 
 
-def install(wrapper_cls: type) -> None:
+def install(wrapper_cls: type, patcher: Patcher | None = None) -> None:
     """Make ``wrapper_cls`` (vLLM's ``PunicaWrapperCPU``) plan once per step (idempotent)."""
+    p = patching.default(patcher)
     if getattr(wrapper_cls, "_prag_planned", False):
         return
     update_metadata = wrapper_cls.update_metadata
 
+    @functools.wraps(update_metadata)
     def planned_update_metadata(self, *args, **kwargs):
         update_metadata(self, *args, **kwargs)
         self._prag_plan = None  # vLLM only calls this when the token -> slot mapping changed
@@ -313,6 +316,6 @@ def install(wrapper_cls: type) -> None:
             apply(plan, y if y.dim() == 2 else y.view(-1, y.shape[-1]), x if x.dim() == 2 else x.view(-1, x.shape[-1]),
                   tuple(lora_a_stacked), tuple(lora_b_stacked), scale, tuple(output_slices))
 
-    wrapper_cls.update_metadata = planned_update_metadata
-    wrapper_cls.add_lora_linear = add_lora_linear
-    wrapper_cls._prag_planned = True
+    p.set(wrapper_cls, "update_metadata", planned_update_metadata)
+    p.set(wrapper_cls, "add_lora_linear", add_lora_linear)
+    p.set(wrapper_cls, "_prag_planned", True)
