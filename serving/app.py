@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, error_body
+from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, OpenAIError, error_body
 from serving.service import Plan, RAGService
 
 logger = logging.getLogger(__name__)
@@ -66,18 +67,28 @@ class _TooLarge(Exception):
     pass
 
 
+_UNION_BRANCH = re.compile(r"^(function-(after|before|wrap|plain)\[.*\]|(list|dict|tuple)\[.*\]|str|int|float|bool)$")
+"""A step of an error's ``loc`` that names a branch of a union type, not a field."""
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # our own checks (value errors) say the most; a union's other branches only "a valid list"
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_BRANCH.match(str(p))]
     if first.get("type") == "json_invalid":
         return "request body is not valid JSON", None
     if not loc and first.get("type") == "model_attributes_type":
         return "request body must be a JSON object (Content-Type: application/json)", None
+    if first.get("type") == "string_unicode":  # a field name with a lone surrogate
+        return "request body is not valid Unicode (a lone UTF-16 surrogate)", None
     param = ".".join(loc) or None
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    here = ("body", *loc)
+    locs = {tuple(str(p) for p in e.get("loc", ()) if not _UNION_BRANCH.match(str(p))) for e in errors}
+    others = [o for o in locs if o[:len(here)] != here and here[:len(o)] != o]  # not the same field's union branches
+    more = f" (and {len(others)} more problems)" if others else ""
     return f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}{more}", param
 
 
@@ -98,6 +109,7 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
             on_shutdown()
 
     app = FastAPI(title="prag-vllm", description="Parametric RAG on vLLM, OpenAI-compatible", lifespan=lifespan)
+    vllm_invalid = _vllm_validation_error()
 
     def svc() -> RAGService:
         return holder["svc"]
@@ -117,6 +129,13 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
     async def _invalid(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
         return error(request, error_body(400, message, param=param), 400)
+
+    if vllm_invalid is not None:
+        @app.exception_handler(vllm_invalid)
+        async def _vllm_invalid(request: Request, exc: Exception):
+            """vLLM refused the request's parameters (the boundary should have): a 400, logged."""
+            logger.warning("vLLM refused a request on %s: %s", request.url.path, exc)
+            return error(request, error_body(400, str(exc), param=getattr(exc, "parameter", None)), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -139,7 +158,7 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
         return await call_next(request)
 
     # -- plain routes ---------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", openapi_extra={"security": []})  # no key needed
     async def health():
         s = holder.get("svc")
         if s is None or not s.engine.healthy:
@@ -174,6 +193,9 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
         if requested is not None and requested > max_tokens_limit:
             raise OpenAIError(400, f"max_tokens must be at most {max_tokens_limit}, got {requested}",
                               param="max_tokens")
+        sampling = dict(temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop,
+                        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                        ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
         question = req.question()
         plan = await s.plan(question, mode, k)
         try:
@@ -188,14 +210,13 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
                 raise OpenAIError(400, f"This model's maximum context length is {max_model_len} tokens; the prompt "
                                        f"has {len(prompt_ids)} tokens and {max_tokens} completion tokens were asked "
                                        "for", param="messages" if chat else "prompt", code="context_length_exceeded")
+            # vLLM checks the parameters here, before any response starts (a refusal is a 400)
+            params = s.engine.sampling_params(max_tokens=max_tokens, **sampling)
         except BaseException:
             s.release(plan)
             raise
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        deltas = s.engine.stream(prompt_ids, rid, max_tokens=max_tokens, temperature=req.temperature,
-                                 top_p=req.top_p, seed=req.seed, stop=req.stop,
-                                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                                 ignore_eos=req.ignore_eos, min_tokens=req.min_tokens, adapter=plan.adapter)
+        deltas = s.engine.stream(prompt_ids, rid, params, adapter=plan.adapter)
         headers = {"X-Prag-Mode": mode.name, "X-Prag-Parametric": json.dumps(plan.parametric),
                    "X-Prag-In-Context": json.dumps([d.id for d in plan.in_context])}
         echo = question if (not chat and req.echo) else ""
@@ -216,8 +237,8 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
                     text += d.text
                     n_out += len(d.token_ids)
                     reason = d.finish_reason or reason
-            except BaseException:
-                finish(n_out, 500)
+            except BaseException as exc:
+                finish(n_out, 400 if _is(exc, vllm_invalid) else 500)
                 raise
             finish(n_out, 200)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
@@ -259,9 +280,15 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
                 status = 499  # client went away; vLLM aborts the request when its generator closes
                 raise
             except Exception as exc:
-                status = 500
-                logger.exception("stream %s failed", rid)
-                yield f"data: {json.dumps(error_body(500, f'generation failed: {exc}', type='server_error'))}\n\n"
+                if _is(exc, vllm_invalid):  # vLLM refused the request after the response started
+                    status = 400
+                    logger.warning("vLLM refused stream %s: %s", rid, exc)
+                    body = error_body(400, str(exc), param=getattr(exc, "parameter", None))
+                else:
+                    status = 500
+                    logger.exception("stream %s failed", rid)
+                    body = error_body(500, f"generation failed: {exc}", type="server_error")
+                yield f"data: {json.dumps(body)}\n\n"
             finally:
                 await deltas.aclose()
                 finish(n_out, status)
@@ -269,13 +296,65 @@ def create_app(state_factory: Callable[[], RAGService] | RAGService, *, api_key:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest):
         return await _serve(req, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(req: CompletionRequest):
         return await _serve(req, chat=False)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    _describe_limits(app, max_top_k=max_top_k, max_tokens_limit=max_tokens_limit)
     return app
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in (
+        (400, "invalid request (the error body says which parameter)"), (401, "missing or wrong API key"),
+        (404, "unknown model"), (413, "request body too large"), (500, "internal server error"))}
+"""The error answers of the completion routes, as documented in the OpenAPI schema."""
+
+
+def _vllm_validation_error() -> type[Exception] | None:
+    """vLLM's exception for a request it refuses (raised when ``SamplingParams`` are checked)."""
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # an app without vLLM (schema only)
+        return None
+    return VLLMValidationError
+
+
+def _is(exc: BaseException, cls: type[Exception] | None) -> bool:
+    return cls is not None and isinstance(exc, cls)
+
+
+def _describe_limits(app: FastAPI, *, max_top_k: int, max_tokens_limit: int) -> None:
+    """The published OpenAPI schema, made to describe the server as configured: the ranges of
+    ``top_k`` and ``max_tokens``, errors as 400 with an OpenAI error body (not FastAPI's 422)."""
+    plain = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = plain()
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("ChatCompletionRequest", "CompletionRequest"):
+            props = components.get(name, {}).get("properties", {})
+            if "top_k" in props:
+                props["top_k"]["maximum"] = max_top_k
+            for field in ("max_tokens", "max_completion_tokens"):
+                for branch in props.get(field, {}).get("anyOf", []):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = max_tokens_limit
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -132,19 +132,26 @@ class AsyncEngine:
         except Exception as exc:  # already gone from vLLM's own LRU: nothing to free
             logger.debug("remove_lora(%d): %s", lora_id, exc)
 
-    async def stream(self, prompt_ids: list[int], request_id: str, *, max_tokens: int, temperature: float,
-                     top_p: float, seed: int | None, stop: list[str] | None, presence_penalty: float,
-                     frequency_penalty: float, adapter: tuple[str, int, Path] | None, ignore_eos: bool = False,
-                     min_tokens: int = 0) -> AsyncIterator[Delta]:
-        """Generate for one request, yielding text deltas; aborted in vLLM if the consumer stops early."""
+    @staticmethod
+    def sampling_params(*, max_tokens: int, temperature: float, top_p: float, seed: int | None,
+                        stop: list[str] | None, presence_penalty: float, frequency_penalty: float,
+                        ignore_eos: bool = False, min_tokens: int = 0):
+        """One request's ``SamplingParams`` (streamed as deltas). Built before the response starts:
+        vLLM checks them here and raises ``vllm.exceptions.VLLMValidationError`` (a 400)."""
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-                                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                                ignore_eos=ignore_eos, min_tokens=min(min_tokens, max_tokens),
-                                output_kind=RequestOutputKind.DELTA)
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              ignore_eos=ignore_eos, min_tokens=min(min_tokens, max_tokens),
+                              output_kind=RequestOutputKind.DELTA)
+
+    async def stream(self, prompt_ids: list[int], request_id: str, params, *,
+                     adapter: tuple[str, int, Path] | None) -> AsyncIterator[Delta]:
+        """Generate for one request with ``params`` (:meth:`sampling_params`), yielding text
+        deltas; aborted in vLLM if the consumer stops early."""
+        from vllm.inputs import TokensPrompt
+
         if adapter is None and self.guard and self.null_adapter is not None:
             adapter = ("prag-null", 1 << 30, self.null_adapter)
         lora = self.lora_request(*adapter) if adapter is not None else None
