@@ -17,7 +17,6 @@ Runs :func:`prag_vllm.vllm_plugin.punica.apply_plan` over every FFN LoRA layer o
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -10,7 +10,6 @@ each store (and closed-book once, as the floor). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import subprocess
 import sys

@@ -21,8 +21,8 @@ from prag_vllm.adapters import FFN_TARGETS, AdapterStore, LoraAdapter
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
 from prag_vllm.errors import InputError
-from prag_vllm.sequences import Example, check_loss_policy
 from prag_vllm.recipes import Recipe, get_recipe
+from prag_vllm.sequences import Example, check_loss_policy
 
 logger = logging.getLogger(__name__)
 PEFT_MODULE_PREFIX = "base_model.model."

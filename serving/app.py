@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, OpenAIError, error_body
-from serving.service import Plan, RAGService
+from serving.service import RAGService
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+
+import tomllib
 
 from prag_vllm.errors import InputError
 from prag_vllm.retrieve import DEFAULT_TOP_K, MAX_TOP_K

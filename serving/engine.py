@@ -11,7 +11,6 @@ batches. Tokens are streamed straight from the engine's output queue.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from collections.abc import AsyncIterator

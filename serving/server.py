@@ -73,8 +73,8 @@ class Server:
 
         from transformers import AutoConfig, AutoTokenizer
 
-        from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
         from prag_vllm.generate import EngineConfig
+        from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
         from serving.engine import AsyncEngine
         from serving.metrics import ServerMetrics
         from serving.service import RAGService

@@ -14,7 +14,6 @@ from prag_vllm.augment import Augmentation  # noqa: E402
 from prag_vllm.corpus import Document  # noqa: E402
 
 
-
 def _shared_data() -> Path:
     """The workplace's real QA samples: $PRAG_SHARED_DATA, else the nearest ``shared/data``
     beside the repository or one of its parents (CI clones the repo next to ``shared/``)."""

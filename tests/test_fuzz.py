@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from server_fixture import API_KEY, MODES
 
 pytestmark = pytest.mark.vllm

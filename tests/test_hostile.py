@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from server_fixture import API_KEY
 
 pytestmark = pytest.mark.vllm

@@ -99,8 +99,9 @@ def test_part_cache_is_bounded_and_its_setting_checked(store, monkeypatch):
 
 
 def test_server_lru_writes_manifests_and_drops_entries_vllm_cannot_load(store, tiny_model_dir, tmp_path):
-    from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
     from transformers import AutoConfig
+
+    from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
 
     docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), 8, keep_tensors=False)
     loaded, fail = [], [True]
@@ -171,7 +172,7 @@ def test_part_cache_keeps_factors_in_the_slots_dtype_with_b_as_words(store, tmp_
     assert set(words) == set(adapter.weights)
     # every layer of a projection kind in one tensor (for the slot pools); the factors are views of it
     assert sorted(stacks) == ["down_proj", "gate_proj", "up_proj"]
-    for kind, s in stacks.items():
+    for s in stacks.values():
         assert s.a.shape[0] == len(s.names) == s.b.shape[0] and s.words.dtype == torch.int64
         for i, m in enumerate(s.names):
             a, b = adapter.weights[m]

@@ -12,6 +12,7 @@ import json
 
 import httpx
 import pytest
+
 from server_fixture import API_KEY
 
 CHAT, CMPL = "/v1/chat/completions", "/v1/completions"

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.vllm
 
-from server_fixture import API_KEY, EVICT_DOC, MODES, NO_ADAPTER, SWAP_DOC, WORDS
+from server_fixture import API_KEY, EVICT_DOC, MODES, NO_ADAPTER, SWAP_DOC, WORDS  # noqa: E402  (after the marker, as pytest reads it)
 
 
 @pytest.fixture()
@@ -213,9 +213,9 @@ def test_replaced_adapter_while_serving(client, server, vllm_engine, tmp_path):
     """A document adapter trained again while the server runs: the server validated (preloaded)
     the old file, vLLM's worker reads the new one for its first merge, refuses it (sha256),
     and the server re-reads the document and answers with the new adapter; vLLM survives."""
+    from conftest import random_adapter
     from prag_vllm.merge import merge_adapters
     from prag_vllm.modes import MODES as MODE_OBJS
-    from conftest import random_adapter
 
     assert _preload_line(server) is not None  # the server holds the old adapter
     doc_id, title = SWAP_DOC
@@ -236,9 +236,9 @@ def test_adapter_replaced_after_vllm_dropped_it(client, server, vllm_engine, tmp
     """The server still caches a merged adapter that vLLM's own LRU (8 adapters here) has
     dropped, and its document's adapter is then replaced: the server has vLLM load it again
     before the request runs, sees it refused, and merges the new one; vLLM survives."""
+    from conftest import random_adapter
     from prag_vllm.merge import merge_adapters
     from prag_vllm.modes import MODES as MODE_OBJS
-    from conftest import random_adapter
 
     doc_id, title = EVICT_DOC
     q = f"What do the {title} kilns fire?"

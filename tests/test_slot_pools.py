@@ -9,7 +9,7 @@ import torch
 
 from prag_vllm.vllm_plugin import gather, parts, pools, ranks
 
-H, I, R, SLOTS, LAYERS = 16, 24, 8, 4, 12  # 12 layers: "layers.10" sorts after "layers.9"
+H, I, R, SLOTS, LAYERS = 16, 24, 8, 4, 12  # 12 layers: "layers.10" sorts after "layers.9"  # noqa: E741  (the input width, as in the LoRA papers)
 PACKED = {"gate_up_proj": ["gate_proj", "up_proj"]}
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from server_fixture import API_KEY, WORDS
 
 pytestmark = pytest.mark.vllm

@@ -44,10 +44,10 @@ def cmd_fictional(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``prag bench-data`` on its own: the exit code (2 and one line ``prag: error: ...`` on bad input)."""
-    from prag_vllm.cli import _Parser
+    from prag_vllm.cliargs import PragParser
 
-    parser = _Parser(prog="prag", description="generate benchmark data")
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    parser = PragParser(prog="prag", description="generate benchmark data")
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=PragParser))
     try:
         args = parser.parse_args(["bench-data", *(sys.argv[1:] if argv is None else argv)])
     except SystemExit as exc:

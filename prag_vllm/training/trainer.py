@@ -79,7 +79,7 @@ def _frozen_linears_to_bf16(model: torch.nn.Module, lm_head: torch.nn.Module) ->
     at every forward. Autocast runs ``linear`` in bf16 either way, so the results are the
     same bits; embeddings and norms keep float32 (a tied output layer gets its own copy)."""
     tied = lm_head.weight is model.get_input_embeddings().weight
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         if isinstance(mod, torch.nn.Linear) and not (mod is lm_head and tied):
             mod.weight.data = mod.weight.data.to(torch.bfloat16)
             if mod.bias is not None:
