@@ -13,7 +13,7 @@ Writes ``OUT.json`` (keys ``fictional`` and ``2wiki``: per recipe and mode ``f1`
 ``template_leaks``, ``hit_max_tokens``, ``questions``; per recipe ``train_s_per_doc``)
 and ``OUT.md``, and each run's ``prag eval`` report under ``OUT/``.
 
-    python bench/recipes.py --recipes default,paper,distill --out docs/results/recipes
+    python bench/recipes.py --jobs fictional@default,2wiki@default,fictional@paper --out docs/results/recipes
 """
 
 from __future__ import annotations
@@ -137,48 +137,47 @@ def run(args) -> dict:
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": model_path.name,
                "machine": machine(), "command": "python bench/recipes.py " + " ".join(args.argv),
                "fictional": {}, "2wiki": {}}
-    recipes = [r for r in args.recipes.split(",") if r]
+    jobs = [tuple(j.split("@", 1)) for j in args.jobs.split(",") if j]  # (dataset, recipe spec)
+    bad = [j for j in jobs if len(j) != 2 or j[0] not in ("fictional", "2wiki")]
+    if bad:
+        raise SystemExit(f"bad --jobs entries {bad}: use fictional@RECIPE or 2wiki@RECIPE")
     engine_cfg = EngineConfig(model=str(model_path), max_model_len=4096, max_lora_rank=16, max_loras=8)
     t_start = time.perf_counter()
+    fict = None
     with LazyEngine(engine_cfg) as engine:
-        if args.fictional_docs:
-            fdir = work / f"fictional-{args.fictional_docs}-s{args.seed}"
-            if not (fdir / "questions.jsonl").is_file():
-                write(generate(args.fictional_docs, args.seed), fdir)
-            questions = read_jsonl(fdir / "questions.jsonl")
-            docs = load_corpus(fdir / "corpus.jsonl")
-            base = dict(datasets=[f"jsonl={fdir / 'questions.jsonl'}"], corpus=str(fdir / "corpus.jsonl"),
-                        work_dir=work / "work-fictional", modes=MODES, top_k=3, max_tokens=args.max_tokens)
-            (frun,) = prepare(EvalConfig(out_dir=out / "fictional" / "x", **base))
-            acfg = AugmentConfig()
-            augs = augment_corpus(docs, engine, _augmentations_path(frun, model_path.name, acfg), acfg)
-            retriever = build_retriever(RetrieverConfig(kind="bm25", index_dir=str(frun.ws.index_dir)), docs)
-            for r in recipes:
-                tcfg = train_config(r)
-                store = frun.ws.store(model_path, tcfg)
+        for dataset, r in jobs:
+            tcfg = train_config(r)
+            rdir = out / dataset / r.replace(":", "_")
+            if dataset == "fictional":
+                if fict is None:  # the corpus, its augmentations and index: once, shared by the recipes
+                    fdir = work / f"fictional-{args.fictional_docs}-s{args.seed}"
+                    if not (fdir / "questions.jsonl").is_file():
+                        write(generate(args.fictional_docs, args.seed), fdir)
+                    docs = load_corpus(fdir / "corpus.jsonl")
+                    base = dict(datasets=[f"jsonl={fdir / 'questions.jsonl'}"], corpus=str(fdir / "corpus.jsonl"),
+                                work_dir=work / "work-fictional", modes=MODES, top_k=3, max_tokens=args.max_tokens)
+                    (frun,) = prepare(EvalConfig(out_dir=out / "fictional" / "x", **base))
+                    acfg = AugmentConfig()
+                    augs = augment_corpus(docs, engine, _augmentations_path(frun, model_path.name, acfg), acfg)
+                    retriever = build_retriever(RetrieverConfig(kind="bm25", index_dir=str(frun.ws.index_dir)), docs)
+                    fict = read_jsonl(fdir / "questions.jsonl")
+                store = frun.ws.store(model_path, tcfg)  # every document, for the interference runs
                 rate = train_all(docs, augs, store, model_path, tcfg, store.root / "bench_timing.json")
-                rdir = out / "fictional" / r.replace(":", "_")
                 metrics = run_eval(EvalConfig(out_dir=rdir, train=tcfg, **base), engine, model_path)
-                entry = {"modes": mode_table(metrics), "train_s_per_doc": rate, "epochs": tcfg.epochs,
-                         "loss_policy": tcfg.loss_policy, "lr": tcfg.lr}
-                entry["interference"] = interference(engine, questions, docs, retriever, store, args.ks, rdir,
+                entry = {"modes": mode_table(metrics), "train_s_per_doc": rate}
+                entry["interference"] = interference(engine, fict, docs, retriever, store, args.ks, rdir,
                                                      args.max_tokens)
-                results["fictional"][r] = entry
-                atomic_write_json(out.with_suffix(".partial.json"), results)
-                logger.info("fictional %s: %s", r, json.dumps(entry["modes"]))
-        if args.wiki_per_type:
-            for r in [r for r in args.wiki_recipes.split(",") if r]:
-                tcfg = train_config(r)
-                t0 = time.perf_counter()
-                metrics = run_eval(EvalConfig(datasets=[args.wiki], out_dir=out / "2wiki" / r.replace(":", "_"), work_dir=work / "work",
+            else:
+                metrics = run_eval(EvalConfig(datasets=[args.wiki], out_dir=rdir, work_dir=work / "work",
                                               per_type=args.wiki_per_type, modes=MODES, top_k=3, train=tcfg,
                                               max_tokens=args.max_tokens), engine, model_path)
                 (ds,) = metrics["datasets"].values()
                 rate = ds["offline"]["train_s_per_doc"].get("random")
-                results["2wiki"][r] = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None,
-                                       "epochs": tcfg.epochs, "loss_policy": tcfg.loss_policy, "lr": tcfg.lr,
-                                       "seconds": round(time.perf_counter() - t0)}
-                atomic_write_json(out.with_suffix(".partial.json"), results)
+                entry = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None}
+            entry.update(epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr)
+            results[dataset][r] = entry
+            atomic_write_json(out.with_suffix(".partial.json"), results)
+            logger.info("%s %s: %s", dataset, r, json.dumps(entry["modes"]))
     results["wall_s"] = round(time.perf_counter() - t_start)
     return results
 
@@ -218,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cache = Path(os.environ.get("PRAG_CACHE_DIR", "~/.cache/prag-vllm")).expanduser()
-    p.add_argument("--recipes", default="default,paper,distill")
+    p.add_argument("--jobs", default="fictional@default,2wiki@default,fictional@paper,2wiki@paper,fictional@distill",
+                   help="DATASET@RECIPE[:lr=..:epochs=..:loss=..], run in this order")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--fictional-docs", type=int, default=40, help="0: skip the fictional benchmark")
+    p.add_argument("--fictional-docs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 5])
     p.add_argument("--wiki", default=str(Path(__file__).resolve().parents[2] / "shared/data/2wikimultihopqa/dev_sample.json"))
-    p.add_argument("--wiki-per-type", type=int, default=5, help="0: skip 2Wiki")
-    p.add_argument("--wiki-recipes", default="paper,default")
+    p.add_argument("--wiki-per-type", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--work", default=str(cache / "bench" / "recipes"))
     p.add_argument("--out", default="docs/results/recipes")

@@ -29,10 +29,15 @@ REWRITE_PROMPT = (
     "Output only the rewritten passage.\n\nPassage:\n{passage}"
 )
 QA_PROMPT = (
-    "Read the passage and write {m} different questions that the passage answers, each with a "
-    "short answer taken from the passage. Output only a JSON list in this format:\n"
+    "Read the passage and write {m} different questions that the passage answers, each about a "
+    "different fact, each with a short answer copied from the passage (a name, a place, a year or a "
+    "few words, not a sentence). Every question must make sense on its own: name the person, place, "
+    "organisation or work it asks about in full, never 'he', 'she', 'it', 'the city' or 'the novel'. "
+    "Output only a JSON list in this format:\n"
     '[{{"question": "...", "answer": "..."}}, ...]\n\nPassage:\n{passage}'
 )
+PROMPT_VERSION = 2
+"""Bumped when REWRITE_PROMPT, QA_PROMPT or the filters change (augmentation logs are keyed by it)."""
 
 
 class ChatGenerator(Protocol):
@@ -102,6 +107,15 @@ def parse_qa(text: str, limit: int) -> list[dict]:
     return unique[:limit]
 
 
+def answer_in_passage(answer: str, passage: str) -> bool:
+    """True if the answer's words occur in the passage in order (case, punctuation and articles
+    ignored): QA pairs whose answer the passage does not contain teach the adapter nothing true."""
+    from prag_vllm.metrics import normalize_answer
+
+    ans = normalize_answer(answer)
+    return bool(ans) and f" {ans} " in f" {normalize_answer(passage)} "
+
+
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
@@ -135,10 +149,10 @@ def augment_batch(docs: list[Document], llm: ChatGenerator, cfg: AugmentConfig) 
                         seed=cfg.seed + attempt)
         still = []
         for i, out in zip(pending, outs):
-            pairs = parse_qa(out, cfg.n_qa)
+            pairs = [p for p in parse_qa(out, 4 * cfg.n_qa) if answer_in_passage(p["answer"], docs[i].passage)][:cfg.n_qa]
             if pairs:
                 results[i].qa = pairs
-            else:
+            else:  # nothing parsed, or no answer found in the passage: retried with sampling
                 still.append(i)
         pending = still
     for i in pending:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prag_vllm.adapters import WEIGHTS_FILE, AdapterStore, sha256_file
+from prag_vllm.augment import PROMPT_VERSION
 from prag_vllm.errors import AdapterError
 from prag_vllm.fileio import atomic_write_json
 
@@ -31,7 +32,7 @@ def training_settings(cfg: TrainConfig) -> dict:
         init = "warmup:" + sha256_file(weights)[:16]
     settings = {"recipe": cfg.recipe, "loss_policy": cfg.loss_policy, "rank": cfg.rank, "alpha": cfg.alpha,
                 "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
-                "seed": cfg.seed, "precision": cfg.precision, "init": init}
+                "seed": cfg.seed, "precision": cfg.precision, "init": init, "augment_prompt": PROMPT_VERSION}
     if cfg.spec.distill:
         settings["distill_top_k"] = cfg.distill_top_k
     return settings

@@ -1,5 +1,6 @@
 """Augmentation: robust QA parsing, retries, skip-with-warning, batching and resume."""
 
+import json
 import logging
 
 from conftest import DOCS
@@ -31,6 +32,12 @@ class FakeLLM:
 GOOD = '[{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]'
 
 
+def good(passage: str) -> str:
+    """Two QA pairs whose answers are words of ``passage`` (kept by the answer-in-passage filter)."""
+    w = passage.split()
+    return json.dumps([{"question": "Q1?", "answer": w[0]}, {"question": "Q2?", "answer": " ".join(w[1:3])}])
+
+
 def test_parse_qa_formats():
     assert parse_qa("Sure! " + GOOD + " Done.", 3) == [{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"}]
     lines = "1. Question: Who?\nAnswer: Bob\n2. Question: When?\nAnswer: 1990\n"
@@ -51,7 +58,7 @@ def test_malformed_output_does_not_abort(tmp_path, caplog):
     def reply(passage, attempt):
         if passage == bad_doc:
             return "I cannot do that."           # never parses
-        return "garbage" if attempt == 1 else GOOD  # parses on the retry
+        return "garbage" if attempt == 1 else good(passage)  # parses on the retry
 
     llm = FakeLLM(reply)
     with caplog.at_level(logging.WARNING):
@@ -67,11 +74,35 @@ def test_malformed_output_does_not_abort(tmp_path, caplog):
 
 def test_resume_skips_done_documents(tmp_path):
     path = tmp_path / "aug.jsonl"
-    augment_corpus(DOCS[:2], FakeLLM(lambda p, n: GOOD), path, AugmentConfig(batch_size=8))
+    augment_corpus(DOCS[:2], FakeLLM(lambda p, n: good(p)), path, AugmentConfig(batch_size=8))
     with open(path, "a") as fh:
         fh.write('{"id": "d3", "rewr')  # a torn line from a crash
-    llm = FakeLLM(lambda p, n: GOOD)
+    llm = FakeLLM(lambda p, n: good(p))
     out = augment_corpus(DOCS, llm, path, AugmentConfig(batch_size=8))
     assert llm.calls == [2, 2], "only the two unfinished documents are generated"
     assert set(load_augmentations(path)) == {d.id for d in DOCS}
     assert len(out) == 4
+
+
+def test_answers_not_in_the_passage_are_dropped_and_retried(tmp_path):
+    """A QA pair whose answer the passage does not contain is dropped; a document left with
+    none is generated again (with sampling)."""
+    def reply(passage, attempt):
+        if attempt == 1:
+            return '[{"question": "Q?", "answer": "Atlantis"}]'  # not in any passage
+        return json.dumps([{"question": "Q?", "answer": "Atlantis"}, {"question": "Q2?", "answer": passage.split()[0]}])
+
+    llm = FakeLLM(reply)
+    out = augment_corpus(DOCS[:2], llm, tmp_path / "aug.jsonl", AugmentConfig(batch_size=4, max_retries=2))
+    assert llm.calls == [2, 2, 2]
+    for d in DOCS[:2]:
+        assert out[d.id].qa == [{"question": "Q2?", "answer": d.passage.split()[0]}]
+
+
+def test_answer_in_passage():
+    from prag_vllm.augment import answer_in_passage
+
+    text = "The Tarnholm Bridge over the river Sevlin was designed by Odile Brask in 1887."
+    assert answer_in_passage("Odile Brask", text) and answer_in_passage("the river Sevlin.", text)
+    assert answer_in_passage("1887", text) and not answer_in_passage("188", text)
+    assert not answer_in_passage("Brask Odile", text) and not answer_in_passage("", text)

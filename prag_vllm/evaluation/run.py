@@ -30,7 +30,8 @@ from pathlib import Path
 from prag_vllm.augment import AugmentConfig, augment_corpus, load_augmentations
 from prag_vllm.datasets import Dataset, load_dataset, select_questions, subtype_order
 from prag_vllm.errors import InputError
-from prag_vllm.fileio import atomic_write_json, read_jsonl
+from prag_vllm.evaluation.report import write_outputs
+from prag_vllm.fileio import atomic_write_json
 from prag_vllm.modes import MODES, get_mode
 from prag_vllm.parameterize import TrainConfig
 from prag_vllm.pipeline import Question
@@ -213,14 +214,15 @@ class _Timings:
 
 
 def _augmentations_path(run: DatasetRun, model_name: str, acfg: AugmentConfig) -> Path:
-    return run.ws.root / "augmented" / f"{model_name}-rw{acfg.n_rewrites}-qa{acfg.n_qa}.jsonl"
+    from prag_vllm.augment import PROMPT_VERSION
+
+    return run.ws.root / "augmented" / f"{model_name}-rw{acfg.n_rewrites}-qa{acfg.n_qa}-p{PROMPT_VERSION}.jsonl"
 
 
 def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = None) -> dict:
     """Run (or resume) an evaluation with ``engine`` (a :class:`~prag_vllm.generate.VLLMEngine`,
     or anything with its ``generate``/``chat``/``cfg.model``; only used when work is left)."""
     from prag_vllm.adapters import AdapterStore
-    from prag_vllm.evaluation.report import write_outputs
     from prag_vllm.evaluation.warmup import train_warmup_adapter, warmup_key
     from prag_vllm.pipeline import ParametricRAG
     from prag_vllm.retrieve.factory import RetrieverConfig, build_retriever
@@ -294,17 +296,3 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
 
     return write_outputs(cfg, runs, out, model_name, timings.data,
                          {name: len(docs) for name, docs in needed.items()})
-
-
-def load_rows(out: Path, run: DatasetRun, cfg: EvalConfig) -> list[dict]:
-    """This run's rows (selected questions, requested modes and inits), each tagged with dataset and init."""
-    ids = {q.id for q in run.questions}
-    rows = []
-    for tag in ["base", *cfg.inits]:
-        path = out / "runs" / run.name / f"{tag}.jsonl"
-        if not path.is_file():
-            continue
-        for row in read_jsonl(path, tolerate_torn_tail=True):
-            if row["id"] in ids and row["mode"] in cfg.modes:
-                rows.append({"dataset": run.name, "init": None if tag == "base" else tag, **row})
-    return rows
