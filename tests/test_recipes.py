@@ -139,7 +139,7 @@ def test_distillation_moves_the_student_toward_the_teacher(test_model_dir):
     the base model WITH the passage in its prompt than the untrained student was."""
     from prag_vllm.training import BatchConfig, BatchedTrainer
 
-    cfg = TrainConfig(recipe="distill", loss_policy="answer", precision="float32", epochs=6, lr=2e-3)
+    cfg = TrainConfig(recipe="distill", loss_policy="answer", precision="float32", epochs=3, lr=3e-3)
     trainer = BatchedTrainer(test_model_dir, cfg, BatchConfig(slots=1))
     plan = trainer.plan(DOCS[0], AUGS["d1"])
     (i, ex), = [(i, e) for i, e in enumerate(plan.examples) if e.objective == "kl"]
@@ -161,6 +161,7 @@ def test_distillation_moves_the_student_toward_the_teacher(test_model_dir):
         a, b = done.adapter.weights[name]
         layer.reset_slot(0, (a, b))
     after = kl_now()
+    print(f"KL student vs teacher on the answer tokens: {before:.4f} -> {after:.4f}")
     assert before > 0 and after < 0.5 * before, (before, after)
 
 
