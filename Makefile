@@ -1,5 +1,8 @@
 # The two commands of the README. Both do all set-up themselves (idempotent).
+# Quiet by default (vLLM's and the libraries' messages go to runs/demo/prag.log); VERBOSE=1 shows them.
 VENV ?= .venv
+VERBOSE ?=
+PRAG_FLAGS := $(if $(VERBOSE),--verbose,)
 export HF_HUB_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 export TOKENIZERS_PARALLELISM := false
@@ -8,12 +11,12 @@ export TOKENIZERS_PARALLELISM := false
 
 demo:  ## the main job: parameterize an invented corpus and answer it in all five modes
 	scripts/setup.sh qwen2.5-coder-0.5b-instruct
-	$(VENV)/bin/prag demo --work-dir runs/demo
+	$(VENV)/bin/prag demo --work-dir runs/demo $(PRAG_FLAGS)
 
 serve:  ## the OpenAI-compatible server on 127.0.0.1:8000 (demo corpus, default model; adapters made on first run)
 	scripts/setup.sh qwen2.5-coder-0.5b-instruct
-	$(VENV)/bin/prag demo --work-dir runs/demo --offline-only
-	$(VENV)/bin/prag serve --work-dir runs/demo $(SERVE_ARGS)
+	$(VENV)/bin/prag demo --work-dir runs/demo --offline-only $(PRAG_FLAGS)
+	$(VENV)/bin/prag serve --work-dir runs/demo $(PRAG_FLAGS) $(SERVE_ARGS)
 
 test:  ## the test suite (unit tests + one shared vLLM engine on SmolLM2-135M)
 	scripts/setup.sh smollm2-135m-instruct

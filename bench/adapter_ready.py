@@ -16,7 +16,7 @@ Configurations (``--configs``):
 * ``worker-merge+preload``: the same with ``--preload-adapters 1`` (the server reads and
   validates every document adapter at start, so requests read no file on its side).
 
-    python bench/adapter_ready.py --questions 100 --max-loras 100 --out docs/adapter_ready
+    python bench/adapter_ready.py --questions 100 --max-loras 100 --out docs/results/adapter_ready/adapter_ready
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main() -> int:
     ap.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment variable for every server started (repeatable)")
     ap.add_argument("--work", default="runs/adapter_ready")
-    ap.add_argument("--out", default="docs/adapter_ready")
+    ap.add_argument("--out", default="docs/results/adapter_ready/adapter_ready")
     args = ap.parse_args()
     args.augmented, args.modes = None, ["parametric"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

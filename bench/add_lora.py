@@ -12,7 +12,7 @@ vLLM's worker methods (installed through ``collective_rpc``) split each ``add_lo
 * ``activate``: ``activate_adapter`` (writing the adapter into a LoRA slot);
 * ``worker``: the worker's whole ``add_lora``; ``round trip``: ``LLM``'s ``add_lora`` call.
 
-    python bench/add_lora.py --adapters 60 --out docs/add_lora
+    python bench/add_lora.py --adapters 60 --out docs/results/add_lora/add_lora
 
 Prints a table and writes ``OUT.json`` / ``OUT.md``. Needs
 ``VLLM_ALLOW_INSECURE_SERIALIZATION=1`` (set here) for the timers' RPC.
@@ -111,7 +111,7 @@ def main() -> int:
     ap.add_argument("--max-loras", type=int, default=32)
     ap.add_argument("--warm-up", type=int, default=5, help="first adapters left out of the figures")
     ap.add_argument("--profile", action="store_true", help="cProfile the worker's add_lora (slower; to OUT.prof.txt)")
-    ap.add_argument("--out", default="docs/add_lora")
+    ap.add_argument("--out", default="docs/results/add_lora/add_lora")
     args = ap.parse_args()
     if args.adapters <= args.warm_up or args.documents < args.top_k:
         raise SystemExit("--adapters must exceed --warm-up, and --documents be at least --top-k")

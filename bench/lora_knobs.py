@@ -11,7 +11,7 @@ engine starts) on the same HotpotQA questions, greedy, fixed-length outputs
 and one request at a time (``1x``) for ``short+lora`` and ``long``. Synthetic random
 adapters are used: speed depends on their shape, not their values.
 
-    python bench/lora_knobs.py [--requests 32] [--out docs/lora_knobs]
+    python bench/lora_knobs.py [--requests 32] [--out docs/results/lora_knobs/lora_knobs]
 """
 
 from __future__ import annotations

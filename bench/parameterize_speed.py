@@ -14,9 +14,9 @@ and the document's training time is K-step mean x its step count (flagged as est
 docs/hour counts augmentation + training, not the one-time model loads (reported apart).
 
     python bench/parameterize_speed.py --model smollm2-135m-instruct --docs 8 --paper-docs 2 --paper-steps 2
-    python bench/parameterize_speed.py --docs 12 --paper-docs 2 --paper-steps 1 --out docs/parameterize_speed.json
+    python bench/parameterize_speed.py --docs 12 --paper-docs 2 --paper-steps 1 --out docs/results/parameterize_speed/parameterize_speed.json
                                         # 12 min on 2 CPU cores (the run in docs/offline_at_scale.md)
-    python bench/parameterize_speed.py --docs 50 --paper-docs 3 --paper-steps 2 --out docs/parameterize_speed.json
+    python bench/parameterize_speed.py --docs 50 --paper-docs 3 --paper-steps 2 --out docs/results/parameterize_speed/parameterize_speed.json
                                         # the full run: about 37 min on 2 CPU cores
 """
 

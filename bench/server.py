@@ -10,7 +10,7 @@ document sets can be merged cold. Then, through the official ``openai`` client:
    sets again (cached);
 2. per-request latency, one request at a time, for every mode on the demo questions.
 
-    python bench/server.py [--model qwen2.5-coder-0.5b-instruct] [--out docs/server_bench]
+    python bench/server.py [--model qwen2.5-coder-0.5b-instruct] [--out docs/results/server_bench/server_bench]
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--sets", type=int, default=40, help="distinct 3-document sets merged cold")
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--out", default="docs/server_bench")
+    p.add_argument("--out", default="docs/results/server_bench/server_bench")
     args = p.parse_args()
     if args.fillers < 3 * args.sets:
         p.error("--fillers must be at least 3 x --sets (every cold set is new)")

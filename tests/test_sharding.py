@@ -34,8 +34,9 @@ def test_sharded_augment_logs_merge(tmp_path):
 
     class Fake:
         def chat(self, conversations, *, max_tokens, temperature=0.0, seed=None):
-            return ["Rewritten." if c[-1]["content"].startswith("Rewrite") else
-                    json.dumps([{"question": "Q?", "answer": "A"}]) for c in conversations]
+            return ["Rewritten." if c[-1]["content"].startswith("Rewrite") else  # an answer from the passage
+                    json.dumps([{"question": "Q?", "answer": c[-1]["content"].split("Passage:\n")[1].split()[0]}])
+                    for c in conversations]
 
     corpus = tmp_path / "corpus.jsonl"
     save_corpus_jsonl(DOCS, corpus)

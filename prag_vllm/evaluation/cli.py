@@ -6,43 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
+from prag_vllm.cliargs import LazyEngine, add_model_arguments, model_path, modes, positive, top_k
+
+__all__ = ["LazyEngine", "add_eval_command", "cmd_eval"]
 logger = logging.getLogger(__name__)
-
-
-class LazyEngine:
-    """A :class:`~prag_vllm.generate.VLLMEngine` started on first use, so that a rerun with
-    nothing left to do starts no engine."""
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self._engine = None
-
-    def _get(self):
-        if self._engine is None:
-            from prag_vllm.generate import VLLMEngine
-
-            self._engine = VLLMEngine(self.cfg)
-        return self._engine
-
-    def generate(self, *args, **kwargs):
-        return self._get().generate(*args, **kwargs)
-
-    @property
-    def tokenizer(self):
-        return self._get().tokenizer
-
-    def chat(self, *args, **kwargs):
-        return self._get().chat(*args, **kwargs)
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-
-    def __enter__(self) -> LazyEngine:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _inits(text: str) -> list[str]:
@@ -58,10 +25,7 @@ def _inits(text: str) -> list[str]:
 def add_eval_command(sub) -> None:
     """Add the ``eval`` subcommand to the ``prag`` sub-parsers."""
     from prag_vllm.augment import AugmentConfig
-    from prag_vllm.cli import _modes, _positive, _top_k
     from prag_vllm.datasets import FORMATS
-    from prag_vllm.generate import DTYPES
-    from prag_vllm.models import DEFAULT_MODEL
     from prag_vllm.offline_commands import add_recipe_arguments
 
     sp = sub.add_parser("eval", help="compare the five modes on QA datasets: predictions, metrics, report, plots")
@@ -72,30 +36,26 @@ def add_eval_command(sub) -> None:
     sp.add_argument("--work-dir", default=None, help="index, augmentations, adapters (default: OUT/work)")
     sp.add_argument("--corpus", default=None, help="retrieval corpus for all datasets (default: each file's passages)")
     n = sp.add_mutually_exclusive_group()
-    n.add_argument("--limit", type=_positive, default=None, help="first N questions of each dataset")
-    n.add_argument("--per-type", type=_positive, default=None, help="first N questions of each sub-type")
-    sp.add_argument("--mode", type=_modes, default=_modes("all"), help="comma-separated modes or 'all' (default)")
-    sp.add_argument("--top-k", type=_top_k, default=3)
+    n.add_argument("--limit", type=positive, default=None, help="first N questions of each dataset")
+    n.add_argument("--per-type", type=positive, default=None, help="first N questions of each sub-type")
+    sp.add_argument("--mode", type=modes, default=modes("all"), help="comma-separated modes or 'all' (default)")
+    sp.add_argument("--top-k", type=top_k, default=3)
     sp.add_argument("--init", type=_inits, default=["random"], help="LoRA init(s): random, warmup or random,warmup")
     add_recipe_arguments(sp)
     sp.add_argument("--n-rewrites", type=int, default=AugmentConfig.n_rewrites)
     sp.add_argument("--n-qa", type=int, default=AugmentConfig.n_qa)
-    sp.add_argument("--warmup-size", type=_positive, default=300, help="QA pairs for the warm-up LoRA")
-    sp.add_argument("--warmup-epochs", type=_positive, default=1)
+    sp.add_argument("--warmup-size", type=positive, default=300, help="QA pairs for the warm-up LoRA")
+    sp.add_argument("--warmup-epochs", type=positive, default=1)
     sp.add_argument("--warmup-data", default=None, help="QA file for the warm-up pairs (default: non-evaluated questions)")
-    sp.add_argument("--batch-size", type=_positive, default=64, help="requests per vLLM call when answering")
-    sp.add_argument("--max-tokens", type=_positive, default=32)
+    sp.add_argument("--batch-size", type=positive, default=64, help="requests per vLLM call when answering")
+    sp.add_argument("--max-tokens", type=positive, default=32)
     sp.add_argument("--offline-only", action="store_true",
                     help="only augment and train (resumable chunks); answer in a later run without it")
-    sp.add_argument("--model", default=DEFAULT_MODEL, help="registry name or local HF model directory")
-    sp.add_argument("--dtype", default="auto", choices=DTYPES,
-                    help="auto: bfloat16 where native (AVX512-BF16/AMX/GPU), else float32")
-    sp.add_argument("--max-model-len", type=_positive, default=4096)
+    add_model_arguments(sp)
 
 
 def cmd_eval(args) -> int:
     from prag_vllm.augment import AugmentConfig
-    from prag_vllm.cli import _model_path
     from prag_vllm.evaluation.report import score_markdown
     from prag_vllm.evaluation.run import EvalConfig, run_eval, validate
     from prag_vllm.generate import EngineConfig
@@ -108,7 +68,7 @@ def cmd_eval(args) -> int:
                      warmup_size=args.warmup_size, warmup_epochs=args.warmup_epochs, warmup_data=args.warmup_data,
                      batch_size=args.batch_size, max_tokens=args.max_tokens, offline_only=args.offline_only)
     validate(cfg)  # bad input stops here, before a model is fetched or loaded
-    engine_cfg = EngineConfig(model=str(_model_path(args)), dtype=args.dtype, max_model_len=args.max_model_len)
+    engine_cfg = EngineConfig(model=str(model_path(args)), dtype=args.dtype, max_model_len=args.max_model_len)
     with LazyEngine(engine_cfg) as engine:
         metrics = run_eval(cfg, engine)
     if cfg.offline_only:

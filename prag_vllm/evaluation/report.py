@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prag_vllm.audit import count
-from prag_vllm.fileio import atomic_write_json, atomic_write_text
+from prag_vllm.fileio import atomic_write_json, atomic_write_text, read_jsonl
 from prag_vllm.modes import MODES
 
 logger = logging.getLogger(__name__)
@@ -215,11 +215,24 @@ def plot(metrics: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def load_rows(out: Path, run, cfg) -> list[dict]:
+    """The rows of ``run`` (a :class:`~prag_vllm.evaluation.run.DatasetRun`) for ``cfg``'s modes and
+    inits, each tagged with dataset and init."""
+    ids = {q.id for q in run.questions}
+    rows = []
+    for tag in ["base", *cfg.inits]:
+        path = out / "runs" / run.name / f"{tag}.jsonl"
+        if not path.is_file():
+            continue
+        for row in read_jsonl(path, tolerate_torn_tail=True):
+            if row["id"] in ids and row["mode"] in cfg.modes:
+                rows.append({"dataset": run.name, "init": None if tag == "base" else tag, **row})
+    return rows
+
+
 def write_outputs(cfg, runs, out: Path, model_name: str, timings: dict, needed: dict[str, int]) -> dict:
     """Rebuild predictions.jsonl, metrics.json, report.md and the plots from the answer logs."""
     from dataclasses import asdict
-
-    from prag_vllm.evaluation.run import load_rows
 
     specs = row_specs(cfg.modes, cfg.inits)
     all_rows, datasets = [], {}

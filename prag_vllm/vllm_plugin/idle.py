@@ -6,7 +6,7 @@ read, the reader keeps spinning on it (``sched_yield`` in a loop) for one second
 otherwise idle CPU core; on a 2-core CPU host the spinning processes take the very cores
 the model and the server need: after each request both keep spinning while the server
 reads, merges and loads the next request's adapter (measured: about 2x slower merges and
-loads on the server than the same code alone, ``docs/lora_cpu.md``).
+loads on the server than the same code alone, ``docs/notes/lora_cpu.md``).
 
 Here the window is ``PRAG_VLLM_BUSY_LOOP_S`` seconds (default 0.002: long enough to cover
 the gaps between decode steps under load, short enough to stop at once when idle).

@@ -2,7 +2,7 @@
 
 Every fresh merged adapter goes through ``LoRAModel.from_local_checkpoint``. For a rank-6
 FFN adapter of Qwen2.5-0.5B (144 tensors) about two thirds of its time is overhead that
-does not depend on the weights (``docs/lora_cpu.md``):
+does not depend on the weights (``docs/notes/lora_cpu.md``):
 
 * tensor names are parsed by ``parse_fine_tuned_lora_name`` three times each (about 360
   calls per adapter), yet every adapter of a model has the same names: the result is

@@ -92,7 +92,7 @@ class PartCache:
         self.dtype = dtype
         """The dtype the factors are kept in: the engine's LoRA dtype, so that activating an
         adapter copies them into the slots without converting (on a float32 engine, bf16
-        documents converted at every activation cost ~4 ms of it, ``docs/lora_cpu.md``).
+        documents converted at every activation cost ~4 ms of it, ``docs/notes/lora_cpu.md``).
         None: as read from the file. Set by :meth:`keep_as`."""
         self._growth = 1.0
         """Bytes in memory per byte of file, as last seen (for :meth:`preload`'s bound)."""

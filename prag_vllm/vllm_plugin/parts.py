@@ -13,7 +13,7 @@ concatenated tensors would give (writing into a slot of another dtype converts e
 Why: each merged adapter vLLM keeps (up to ``max_cpu_loras``) used to hold its own
 concatenated copy, ~4.7 MB for a rank-6 FFN adapter of Qwen2.5-0.5B. Fresh memory is
 paid in page faults: in vLLM's worker, once a few adapters were held, every ``add_lora``
-took 1000-2500 minor faults and 20-60 ms of system time (``docs/lora_cpu.md``). With
+took 1000-2500 minor faults and 20-60 ms of system time (``docs/notes/lora_cpu.md``). With
 parts, a loaded adapter costs no tensor memory and no concatenation.
 
 :func:`install` wraps ``set_lora`` of every vLLM LoRA layer class: plain and merged
@@ -167,7 +167,7 @@ def _fill_b_by_words(slot: torch.Tensor, factor, pieces: list[torch.Tensor]) -> 
     ``cat`` of 2-wide columns copies 8 bytes at a time; this moves whole words: a gate/up
     B slot of Qwen2.5-0.5B from three rank-2 documents, float32, 58 -> 20 µs warm, and a
     whole activation's slot writes 6.8 -> 2.6 ms (probes, one process, AVX2 machine,
-    ``docs/lora_cpu.md``). False (nothing written) where the layout does not allow it."""
+    ``docs/notes/lora_cpu.md``). False (nothing written) where the layout does not allow it."""
     words = factor.words if isinstance(factor, RankParts) else None
     if words is None:  # not prepared by the document cache: only documents of one rank and the slot's dtype
         if any(p.dtype != slot.dtype or p.shape[1] != pieces[0].shape[1] for p in pieces):

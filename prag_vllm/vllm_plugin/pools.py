@@ -5,7 +5,7 @@ vLLM gives every LoRA layer its own stacked buffers (``slots x 1 x rank x in`` f
 Qwen2.5-0.5B writes 144 separate slots (24 layers x gate, up, down x A, B): 144 ops, each
 paying torch's dispatch on top of its bytes, plus Python around every layer's
 ``set_lora``. On the AVX2 machine that was ~7.5 ms of the ~15.5 ms a cold adapter took to
-be ready (``docs/lora_cpu.md``).
+be ready (``docs/notes/lora_cpu.md``).
 
 Here, once vLLM has created its LoRA layers, the buffers of every layer of one projection
 kind (``gate_proj``, ``up_proj``, ``down_proj``) are moved into one *pool* laid out slot
