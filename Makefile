@@ -18,8 +18,9 @@ serve:  ## the OpenAI-compatible server on 127.0.0.1:8000 (demo corpus, default 
 	$(VENV)/bin/prag demo --work-dir runs/demo --offline-only $(PRAG_FLAGS)
 	$(VENV)/bin/prag serve --work-dir runs/demo $(PRAG_FLAGS) $(SERVE_ARGS)
 
-test:  ## the test suite (unit tests + one shared vLLM engine on SmolLM2-135M)
+test:  ## lint, then the test suite (unit tests + one shared vLLM engine on SmolLM2-135M)
 	scripts/setup.sh smollm2-135m-instruct
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -p no:cacheprovider -q -rs
 
 setup:

@@ -59,7 +59,10 @@ def offline_costs(name: str, n_questions: int, n_docs: int, timings: dict, inits
     t = timings.get(name, {})
     aug = _rate(t.get("augment"))
     train = {i: _rate(t.get("train", {}).get(i)) for i in inits}
-    per_q = (lambda rate: rate * n_docs / n_questions if rate is not None and n_questions else None)
+
+    def per_q(rate: float | None) -> float | None:
+        return rate * n_docs / n_questions if rate is not None and n_questions else None
+
     return {"documents": n_docs, "questions": n_questions, "augment_s_per_doc": aug,
             "augment_s_per_question": per_q(aug), "train_s_per_doc": train,
             "train_s_per_question": {i: per_q(r) for i, r in train.items()}}
@@ -201,7 +204,7 @@ def plot(metrics: dict, out: Path) -> None:
         return get(entry) if entry else None
 
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cols) + 2), 4))
-    _bars(ax, [f"{n}\n{c}" for n, c in cols], {lb: [value(n, lb, lambda e: e["f1"][c]) for n, c in cols]
+    _bars(ax, [f"{n}\n{c}" for n, c in cols], {lb: [value(n, lb, lambda e, c=c: e["f1"][c]) for n, c in cols]
                                                 for lb in labels})
     ax.set_ylabel("F1")
     ax.set_title(f"F1 per mode — {metrics['model']}")
