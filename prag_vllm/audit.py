@@ -22,6 +22,8 @@ from prag_vllm.modes import CONTEXT_TEMPLATE, QUESTION_TEMPLATE
 ROLE_NAMES = ("system", "user", "assistant")
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "</s>", "<|end|>")
 """Tokens that end a generation in common chat templates (allowed as the last token)."""
+_CONTEXT_NUMBER = re.compile(r"(?:^|\n)\s*\[\d+\]")
+"""The numbering of the passages in the prompt's context block (modes.context_block)."""
 _ROLE_RUN_ON = re.compile(r"(?:\S(?:system|user|assistant)\s*$)|(?:^|\n)\s*(?:system|user|assistant)\s*(?:\n|$)"
                           r"|(?:system|user|assistant)(?:system|user|assistant)", re.IGNORECASE)
 
@@ -51,6 +53,8 @@ def template_fragments(tokenizer) -> list[str]:
         line = line.strip()
         if len(line) >= 6 and line.lower() not in ROLE_NAMES:
             out.append(line)
+            # each sentence of a system prompt alone too ("You are Qwen, created by Alibaba Cloud.")
+            out += [s.strip() for s in re.split(r"(?<=[.!?])\s+", line) if len(s.strip()) >= 12 and s.strip() != line]
     return out
 
 
@@ -86,6 +90,8 @@ class AnswerAudit:
                 return f"template text {frag[:40]!r}"
         if _ROLE_RUN_ON.search(text):
             return "role name after the answer"
+        if _CONTEXT_NUMBER.search(text):
+            return "context numbering ([1] ...)"
         if token_ids:
             body = token_ids[:-1] if token_ids[-1] in self.end_ids else token_ids
             bad = [t for t in body if t in self.special_ids]

@@ -16,7 +16,7 @@ def audit(test_model_dir):
     "You are a helpful AI assistant named SmolLM, trained by Hugging Face",  # the template's system prompt
     "Ostrevikuser", "Ostreviksystem", "1887userassistantassistant", "user", "]user\n",
     "Answer the question with a short phrase, no explanation.", "Hallow Ferry\nQuestion: Who first climbed it?",
-    "Context:\n[1] Mount Orvanne",
+    "Context:\n[1] Mount Orvanne", "\n[1]", "\n\n[2] Tarnholm Bridge: The Tarnholm",
 ])
 def test_leaks_are_found(audit, text):
     assert audit.leak(text) is not None
@@ -32,6 +32,24 @@ def test_clean_answers_pass(audit, text):
 def test_qwen_default_system_prompt_is_a_leak():
     assert AnswerAudit(fragments=["You are Qwen, created by Alibaba Cloud. You are a helpful assistant."]).leak(
         "You are Qwen, created by Alibaba Cloud. You are a helpful assistant. You are Qwen") is not None
+
+
+def test_one_sentence_of_a_system_prompt_is_a_leak(monkeypatch):
+    from prag_vllm import audit as mod
+
+    class Tok:
+        all_special_tokens, all_special_ids, eos_token_id = ["<|im_start|>", "<|im_end|>"], [1, 2], 2
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+                    f"<|im_start|>user\n{messages[0]['content']}<|im_end|>\n<|im_start|>assistant\n")
+
+        def get_vocab(self):
+            return {}
+
+    audit = mod.AnswerAudit.for_tokenizer(Tok())
+    assert audit.leak("Ostrevik. You are Qwen, created by Alibaba Cloud. You are Qwen") is not None
+    assert audit.leak("Ostrevik") is None
 
 
 def test_special_tokens_in_the_generated_ids(audit, test_model_dir):
