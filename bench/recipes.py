@@ -185,7 +185,8 @@ def run(args) -> dict:
 def report(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Training recipes: knowledge injection ({res['model']})", "",
-             f"{res['date']}, {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores; wall {res['wall_s']} s.",
+             f"{res['date']}, {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores; "
+             f"wall {res.get('wall_s', 'not finished: partial results')} s.",
              f"Command: `{res['command']}`", ""]
     for ds in ("fictional", "2wiki"):
         if not res[ds]:
@@ -228,14 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--work", default=str(cache / "bench" / "recipes"))
     p.add_argument("--out", default="docs/results/recipes")
+    p.add_argument("--report-only", action="store_true",
+                   help="write OUT.json/.md from the finished jobs of an interrupted run (OUT.partial.json)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    res = run(args)
     out = Path(args.out)
+    res = json.loads(out.with_suffix(".partial.json").read_text()) if args.report_only else run(args)
     atomic_write_json(out.with_suffix(".json"), res)
     atomic_write_text(out.with_suffix(".md"), report(res))
     print(report(res))
