@@ -172,7 +172,7 @@ def run(args) -> dict:
                                               per_type=args.wiki_per_type, modes=MODES, top_k=3, train=tcfg,
                                               max_tokens=args.max_tokens), engine, model_path)
                 (ds,) = metrics["datasets"].values()
-                rate = ds["offline"]["train_s_per_doc"].get("random")
+                rate = (ds["offline"]["train_s_per_doc"].get(tcfg.recipe) or {}).get("random")
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None}
             entry.update(epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr)
             results[dataset][r] = entry

@@ -50,7 +50,7 @@ def test_eval_end_to_end_and_resume(vllm_engine, tmp_path):
     assert all(r["dataset"] == "hotpotqa" and r["type"] in ("bridge", "comparison") and len(r["retrieved"]) == 1
                and r["latency_s"] > 0 and "f1" in r for r in rows)
     para = [r for r in rows if r["mode"] == "parametric"]
-    assert all(r["init"] == "random" and r["parametric"] == r["retrieved"] and not r["in_context"] for r in para)
+    assert all(r["init"] == "random" and r["recipe"] == "default" and r["parametric"] == r["retrieved"] and not r["in_context"] for r in para)
 
     ds = metrics["datasets"]["hotpotqa"]
     assert ds["questions"] == 3 and ds["offline"]["documents"] >= 1
@@ -64,14 +64,16 @@ def test_eval_end_to_end_and_resume(vllm_engine, tmp_path):
         assert s["em"]["total"] == pytest.approx(sum(r["em"] for r in mine) / 3)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["datasets"]["hotpotqa"]["rows"][0]["f1"] == ds["rows"][0]["f1"]
-    assert saved["timings"]["hotpotqa"]["train"]["random"]["docs"] == ds["offline"]["documents"]
+    assert saved["timings"]["hotpotqa"]["train"]["default"]["random"]["docs"] == ds["offline"]["documents"]
 
     report = (out / "report.md").read_text()
     assert "## F1 (layout of the paper's Table 1)" in report and "hotpotqa total (n=3)" in report
     assert "speed-up vs standard" in report and "| parametric |" in report and "1.00×" in report
+    assert [(c["a"], c["b"]) for c in saved["comparisons"]] == [("parametric", "standard")]
+    assert saved["comparisons"][0]["n"] == 3 and "## Differences" in report
     for png in ("f1.png", "latency.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    stores = list((out / "work" / "hotpotqa" / "adapters").glob("*/r2-e1-random-*"))
+    stores = list((out / "work" / "hotpotqa" / "adapters").glob("*/default-r2-e1-random-*"))
     assert len(stores) == 1 and (stores[0] / "train_config.json").is_file()
 
     # a rerun of the same command redoes nothing: no engine call, no file rewritten, same rows

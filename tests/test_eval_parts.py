@@ -87,22 +87,26 @@ def test_report_tables_and_plots_from_rows(tmp_path, hotpot_file):
     assert [q.id for q in runs[0].questions] == ["h0", "h1", "h2", "h3"] and runs[0].subtypes == ["bridge", "comparison"]
     types = {q.id: q.type for q in runs[0].questions}
     logs = {"base": [_row(i, "standard", 1.0, 2.0, types[i]) for i in types],
-            "random": [_row(i, "parametric", 0.5, 1.0, types[i]) for i in types],
-            "warmup": [_row(i, "parametric", 1.0 if types[i] == "bridge" else 0.0, 4.0, types[i]) for i in types]}
+            "default-random": [_row(i, "parametric", 0.5, 1.0, types[i]) for i in types],
+            "default-warmup": [_row(i, "parametric", 1.0 if types[i] == "bridge" else 0.0, 4.0, types[i])
+                               for i in types]}
     logs["base"].append(_row("h5", "standard", 0.0, 9.0, "bridge"))  # not selected: must be ignored
     for tag, rows in logs.items():
         path = cfg.out_dir / "runs" / "hotpotqa" / f"{tag}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     timings = {"hotpotqa": {"augment": {"docs": 4, "seconds": 8.0},
-                            "train": {"random": {"docs": 4, "seconds": 40.0}, "warmup": {"docs": 4, "seconds": 20.0}}}}
+                            "train": {"default": {"random": {"docs": 4, "seconds": 40.0},
+                                                  "warmup": {"docs": 4, "seconds": 20.0}}}}}
     metrics = write_outputs(cfg, runs, cfg.out_dir, "m", timings, {"hotpotqa": 4})
     rows = {s["label"]: s for s in metrics["datasets"]["hotpotqa"]["rows"]}
     assert list(rows) == ["standard", "parametric (random)", "parametric (warmup)"]
     assert rows["standard"]["f1"] == {"bridge": 1.0, "comparison": 1.0, "total": 1.0}
     assert rows["parametric (warmup)"]["f1"] == {"bridge": 1.0, "comparison": 0.0, "total": 0.5}
     assert rows["parametric (warmup)"]["n"] == {"bridge": 2, "comparison": 2, "total": 4}
-    assert metrics["datasets"]["hotpotqa"]["offline"]["train_s_per_doc"] == {"random": 10.0, "warmup": 5.0}
+    assert metrics["datasets"]["hotpotqa"]["offline"]["train_s_per_doc"] == {"default": {"random": 10.0, "warmup": 5.0}}
+    assert rows["standard"]["recipe"] is None and rows["parametric (warmup)"]["recipe"] == "default"
+    assert rows["standard"]["f1_ci"]["total"] == [1.0, 1.0]
     report = (cfg.out_dir / "report.md").read_text()
     assert "| mode | hotpotqa bridge (n=2) | hotpotqa comparison (n=2) | hotpotqa total (n=4) |" in report
     assert "| parametric (warmup) | 1.000 | 0.000 | 0.500 |" in report
@@ -110,8 +114,27 @@ def test_report_tables_and_plots_from_rows(tmp_path, hotpot_file):
     preds = (cfg.out_dir / "predictions.jsonl").read_text().splitlines()
     assert len(preds) == 12 and all(json.loads(p)["id"] != "h5" for p in preds)
     assert (cfg.out_dir / "f1.png").stat().st_size > 1000 and (cfg.out_dir / "latency.png").stat().st_size > 1000
-    assert row_specs(["parametric", "closed-book"], ["random"]) == [("closed-book", "closed-book", None),
-                                                                   ("parametric", "parametric", "random")]
+    assert row_specs(["parametric", "closed-book"], ["random"]) == [("closed-book", "closed-book", None, None),
+                                                                   ("parametric", "parametric", "default", "random")]
+    assert [s.label for s in row_specs(["parametric"], ["random", "warmup"], ["default", "paper"])] == [
+        "parametric (default, random)", "parametric (default, warmup)", "parametric (paper, random)",
+        "parametric (paper, warmup)"]
+    # the differences: parametric vs standard per init, warm-up vs random; intervals in metrics.json
+    saved = json.loads((cfg.out_dir / "metrics.json").read_text())
+    comps = {(c["a"], c["b"]): c for c in saved["comparisons"]}
+    assert set(comps) == {("parametric (random)", "standard"), ("parametric (warmup)", "standard"),
+                          ("parametric (warmup)", "parametric (random)")}
+    c = comps["parametric (random)", "standard"]
+    assert c == {"dataset": "hotpotqa", "kind": "mode", "a": "parametric (random)", "b": "standard", "metric": "f1",
+                 "diff": -0.5, "ci_low": -0.5, "ci_high": -0.5, "n": 4, "level": 0.95, "distinguishable": True}
+    w = comps["parametric (warmup)", "standard"]
+    assert w["diff"] == -0.5 and w["ci_low"] == -1.0 and w["ci_high"] == 0.0 and not w["distinguishable"]
+    assert "## Differences" in report and "not distinguishable from zero at n=4" in report
+    assert "| hotpotqa | parametric (random) − standard | -0.500 | [-0.500, -0.500] | 4 | yes |" in report
+    errors = {e["a"]: e for e in saved["datasets"]["hotpotqa"]["errors"]}
+    assert (errors["parametric (warmup)"]["wins"], errors["parametric (warmup)"]["losses"]) == (0, 2)
+    assert [x["id"] for x in errors["parametric (warmup)"]["loss_examples"]] == ["h0", "h3"]
+    assert (cfg.out_dir / "diffs.png").stat().st_size > 1000 and "![Differences with 95% intervals](diffs.png)" in report
 
 
 def test_rerun_with_other_settings_is_refused(tmp_path):
@@ -123,6 +146,46 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
         _check_settings(tmp_path, {"model": "m", "top_k": 3, "datasets": {"hotpotqa": "/c"}})
 
 
+def test_rerun_may_add_a_recipe_but_not_change_one(tmp_path):
+    base = {"model": "m", "top_k": 3, "datasets": {"hotpotqa": "/a"}}
+    _check_settings(tmp_path, {**base, "train": {"default": {"rank": 2, "epochs": 3}}})
+    _check_settings(tmp_path, {**base, "train": {"paper": {"rank": 2, "epochs": 1}}})  # another recipe: fine
+    _check_settings(tmp_path, {**base, "train": {"default": {"rank": 2, "epochs": 3}}})  # a subset: fine
+    assert json.loads((tmp_path / "run_config.json").read_text())["train"] == {
+        "default": {"rank": 2, "epochs": 3}, "paper": {"rank": 2, "epochs": 1}}
+    with pytest.raises(InputError, match="recipe paper's training settings"):
+        _check_settings(tmp_path, {**base, "train": {"default": {"rank": 2, "epochs": 3}, "paper": {"rank": 2, "epochs": 2}}})
+    with pytest.raises(InputError, match="top_k"):
+        _check_settings(tmp_path, {**base, "top_k": 1, "train": {"distill": {"rank": 2}}})
+
+
+def test_single_recipe_out_dir_is_migrated(tmp_path):
+    """An out dir of the one-recipe layout (flat ``train``, ``runs/<dataset>/<init>.jsonl``) resumes
+    under the recipe's name; a rerun of other training settings is still refused."""
+    default = {"recipe": "default", "rank": 2, "epochs": 3}
+    (tmp_path / "run_config.json").write_text(json.dumps({"model": "m", "top_k": 3, "train": default,
+                                                          "datasets": {"hotpotqa": "/a"}}))
+    runs = tmp_path / "runs" / "hotpotqa"
+    runs.mkdir(parents=True)
+    for name in ("base", "random"):
+        (runs / f"{name}.jsonl").write_text(json.dumps({"id": "h0", "mode": name}) + "\n")
+    (tmp_path / "timings.json").write_text(json.dumps({"hotpotqa": {"augment": {"docs": 4, "seconds": 8.0},
+                                                                    "train": {"random": {"docs": 4, "seconds": 9.0}}},
+                                                       "warmup": {"pairs": 3, "seconds": 1.0}}))
+    with pytest.raises(InputError, match="recipe default"):
+        _check_settings(tmp_path, {"model": "m", "top_k": 3, "train": {"default": {**default, "epochs": 1}},
+                                   "datasets": {}})
+    assert (runs / "random.jsonl").is_file()  # refused: nothing moved
+    paper = {"recipe": "paper", "rank": 2, "epochs": 1}
+    _check_settings(tmp_path, {"model": "m", "top_k": 3, "train": {"default": default, "paper": paper}, "datasets": {}})
+    assert sorted(p.name for p in runs.iterdir()) == ["base.jsonl", "default-random.jsonl"]
+    assert json.loads((runs / "default-random.jsonl").read_text())["mode"] == "random"
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert timings["hotpotqa"]["train"] == {"default": {"random": {"docs": 4, "seconds": 9.0}}}
+    assert timings["warmup"] == {"pairs": 3, "seconds": 1.0}
+    assert json.loads((tmp_path / "run_config.json").read_text())["train"] == {"default": default, "paper": paper}
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--dataset", "{popqa}"], "has no passages"),
     (["--dataset", "{hot}", "--mode", "bogus"], "unknown mode"),
@@ -130,6 +193,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     (["--dataset", "{hot}", "--limit", "2", "--per-type", "1"], "not allowed with"),
     (["--dataset", "{missing}"], "not found"),
     (["--dataset", "{hot}", "--init", "random,warmup"], "no questions left for the warm-up"),
+    (["--dataset", "{hot}", "--recipe", "default,bogus"], "recipe"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, hotpot_file, capsys, extra, needle):
     popqa = tmp_path / "popqa.jsonl"

@@ -15,6 +15,7 @@ import numpy as np
 
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_SEED = 0
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ def paired_bootstrap(a: list[float] | np.ndarray, b: list[float] | np.ndarray, *
         return PairedDiff(float("nan"), float("nan"), float("nan"), 0, level)
     d = a - b
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    rows = max(1, _CHUNK_ELEMENTS // n)  # resamples drawn per block: memory stays bounded for large n
+    means = np.concatenate([d[rng.integers(0, n, size=(min(rows, resamples - s), n))].mean(axis=1)
+                            for s in range(0, resamples, rows)])
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return PairedDiff(float(d.mean()), float(lo), float(hi), n, level)
 

@@ -22,18 +22,36 @@ def _inits(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _recipes(text: str) -> list[str]:
+    """argparse type: one recipe or a comma-separated list (``default,paper``), each once."""
+    from prag_vllm.errors import InputError
+    from prag_vllm.recipes import RECIPES, get_recipe
+
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no recipe in {text!r}; choose from {', '.join(RECIPES)}")
+    try:
+        return list(dict.fromkeys(get_recipe(r).name for r in names))
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_eval_command(sub) -> None:
     """Add the ``eval`` subcommand to the ``prag`` sub-parsers."""
     from prag_vllm.augment import AugmentConfig
     from prag_vllm.datasets import FORMATS
     from prag_vllm.offline_commands import add_recipe_arguments
 
-    sp = sub.add_parser("eval", help="compare the five modes on QA datasets: predictions, metrics, report, plots")
+    # conflict_handler="resolve": eval's --recipe (a list) replaces the one add_recipe_arguments adds
+    sp = sub.add_parser("eval", help="compare the five modes on QA datasets: predictions, metrics, report, plots",
+                        conflict_handler="resolve")
     sp.set_defaults(func=cmd_eval)
     sp.add_argument("--dataset", action="append", required=True,
                     help=f"QA file in its native format (repeatable; FORMAT=PATH forces one of {', '.join(FORMATS)})")
     sp.add_argument("--out", required=True, help="output directory (a rerun with the same settings resumes)")
-    sp.add_argument("--work-dir", default=None, help="index, augmentations, adapters (default: OUT/work)")
+    sp.add_argument("--work-dir", default=None,
+                    help="index, augmentations, adapters (default: OUT/work; for long runs "
+                         "$PRAG_CACHE_DIR/eval/NAME, outside the checkout, see docs/evaluation.md)")
     sp.add_argument("--corpus", default=None, help="retrieval corpus for all datasets (default: each file's passages)")
     n = sp.add_mutually_exclusive_group()
     n.add_argument("--limit", type=positive, default=None, help="first N questions of each dataset")
@@ -42,6 +60,9 @@ def add_eval_command(sub) -> None:
     sp.add_argument("--top-k", type=top_k, default=3)
     sp.add_argument("--init", type=_inits, default=["random"], help="LoRA init(s): random, warmup or random,warmup")
     add_recipe_arguments(sp)
+    sp.add_argument("--recipe", type=_recipes, default=["default"],
+                    help="training recipe(s), e.g. default or default,paper: one adapter set each, sharing the "
+                         "index and the augmentations; --loss-policy/--epochs/--lr apply to every one")
     sp.add_argument("--n-rewrites", type=int, default=AugmentConfig.n_rewrites)
     sp.add_argument("--n-qa", type=int, default=AugmentConfig.n_qa)
     sp.add_argument("--warmup-size", type=positive, default=300, help="QA pairs for the warm-up LoRA")
@@ -56,6 +77,7 @@ def add_eval_command(sub) -> None:
 
 def cmd_eval(args) -> int:
     from prag_vllm.augment import AugmentConfig
+    from prag_vllm.evaluation.compare import differences_markdown
     from prag_vllm.evaluation.report import score_markdown
     from prag_vllm.evaluation.run import EvalConfig, run_eval, validate
     from prag_vllm.generate import EngineConfig
@@ -63,7 +85,9 @@ def cmd_eval(args) -> int:
 
     cfg = EvalConfig(datasets=args.dataset, out_dir=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
                      corpus=args.corpus, limit=args.limit, per_type=args.per_type, modes=args.mode, top_k=args.top_k,
-                     inits=args.init, train=train_config_from_args(args),
+                     inits=args.init,
+                     train=[train_config_from_args(argparse.Namespace(**{**vars(args), "recipe": r}))
+                            for r in args.recipe],
                      augment=AugmentConfig(n_rewrites=args.n_rewrites, n_qa=args.n_qa),
                      warmup_size=args.warmup_size, warmup_epochs=args.warmup_epochs, warmup_data=args.warmup_data,
                      batch_size=args.batch_size, max_tokens=args.max_tokens, offline_only=args.offline_only)
@@ -75,5 +99,7 @@ def cmd_eval(args) -> int:
         print(f"augmentation and training done; timings in {cfg.out_dir / 'timings.json'}")
         return 0
     print(score_markdown(metrics, "f1"))
+    if metrics.get("comparisons"):
+        print("\n" + differences_markdown(metrics))
     print(f"\nreport: {cfg.out_dir / 'report.md'}")
     return 0

@@ -11,16 +11,20 @@ Layout under ``out_dir``::
 
     run_config.json            settings that change results (a rerun must match them)
     runs/<dataset>/base.jsonl  closed-book / standard / da-rag rows (resumable logs)
-    runs/<dataset>/<init>.jsonl  parametric / combined rows, one file per LoRA init
+    runs/<dataset>/<recipe>-<init>.jsonl  parametric / combined rows, per recipe and LoRA init
     timings.json               seconds and counts of augmentation, warm-up and training
-    predictions.jsonl  metrics.json  report.md  f1.png  latency.png
+    predictions.jsonl  metrics.json  report.md  f1.png  latency.png  diffs.png
     work/<dataset>/            index, augmentations, adapters/<model>/<training key>/
     work/warmup/<model>/<key>/ the warm-up LoRA
+
+Several recipes (``EvalConfig.train`` a list) share the index and the augmentations; each
+has its own adapter set (the training key names the recipe) and its own answer logs. The
+work directory may live anywhere (``--work-dir``, e.g. under ``$PRAG_CACHE_DIR/eval/``), so
+that a long run's adapters survive a deleted or moved output directory.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,7 +35,7 @@ from prag_vllm.augment import AugmentConfig, augment_corpus, load_augmentations
 from prag_vllm.datasets import Dataset, load_dataset, select_questions, subtype_order
 from prag_vllm.errors import InputError
 from prag_vllm.evaluation.report import write_outputs
-from prag_vllm.fileio import atomic_write_json
+from prag_vllm.evaluation.settings import INITS, Timings, answer_log, check_settings, train_settings
 from prag_vllm.modes import MODES, get_mode
 from prag_vllm.parameterize import TrainConfig
 from prag_vllm.pipeline import Question
@@ -40,7 +44,6 @@ from prag_vllm.workspace import Workspace
 
 logger = logging.getLogger(__name__)
 
-INITS = ("random", "warmup")
 ADAPTER_MODES = tuple(m.name for m in MODES.values() if m.parametric)
 AUGMENTED_MODES = ("da-rag", *ADAPTER_MODES)
 
@@ -67,8 +70,9 @@ class EvalConfig:
     """Documents retrieved per question."""
     inits: list[str] = field(default_factory=lambda: ["random"])
     """LoRA initializations to compare: ``random`` and/or ``warmup`` (paper Table 2)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Per-document training settings (``warmup_adapter`` is set per init)."""
+    train: TrainConfig | list[TrainConfig] = field(default_factory=TrainConfig)
+    """Per-document training settings, or a list of them, one per recipe (``prag eval --recipe
+    default,paper``; recipe names must differ); ``warmup_adapter`` is set per init."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Augmentation settings."""
     warmup_size: int = 300
@@ -88,6 +92,16 @@ class EvalConfig:
     @property
     def work(self) -> Path:
         return Path(self.work_dir) if self.work_dir is not None else Path(self.out_dir) / "work"
+
+    @property
+    def trains(self) -> list[TrainConfig]:
+        """The training settings of every evaluated recipe, in the order given."""
+        return list(self.train) if isinstance(self.train, (list, tuple)) else [self.train]
+
+    @property
+    def recipes(self) -> list[str]:
+        """The evaluated recipes' names, in the order given."""
+        return [t.recipe for t in self.trains]
 
 
 @dataclass
@@ -128,8 +142,10 @@ def prepare(cfg: EvalConfig) -> list[DatasetRun]:
     bad = [i for i in cfg.inits if i not in INITS]
     if bad or not cfg.inits:
         raise InputError(f"unknown LoRA init {bad or cfg.inits}; choose from {', '.join(INITS)}")
+    if not cfg.trains or len(set(cfg.recipes)) != len(cfg.recipes):
+        raise InputError(f"give each recipe once, got {cfg.recipes}")
     for name, value in (("limit", cfg.limit), ("per_type", cfg.per_type), ("warmup_size", cfg.warmup_size),
-                        ("warmup_epochs", cfg.warmup_epochs), ("epochs", cfg.train.epochs)):
+                        ("warmup_epochs", cfg.warmup_epochs), *(("epochs", t.epochs) for t in cfg.trains)):
         if value is not None and value <= 0:
             raise InputError(f"{name} must be positive, got {value}")
     retrieves = any(get_mode(m).retrieves for m in cfg.modes)
@@ -175,42 +191,21 @@ def validate(cfg: EvalConfig) -> None:
 
 
 def _settings(cfg: EvalConfig, runs: list[DatasetRun], model_name: str) -> dict:
-    """Everything that changes a finished row; a rerun into the same ``out_dir`` must match."""
-    train = {k: v for k, v in asdict(cfg.train).items() if k != "warmup_adapter"}
+    """Everything that changes a finished row; a rerun into the same ``out_dir`` must match
+    (see :func:`~prag_vllm.evaluation.settings.check_settings`)."""
+    train = {t.recipe: train_settings(t) for t in cfg.trains}
     return {"model": model_name, "top_k": cfg.top_k, "train": train, "augment": asdict(cfg.augment),
             "max_tokens": cfg.max_tokens, "corpus": str(Path(cfg.corpus).resolve()) if cfg.corpus else None,
             "warmup": {"size": cfg.warmup_size, "epochs": cfg.warmup_epochs, "data": cfg.warmup_data},
             "datasets": {r.name: str(r.data.path.resolve()) for r in runs}}
 
 
-def _check_settings(out_dir: Path, settings: dict) -> None:
-    path = out_dir / "run_config.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        old_ds, new_ds = old.get("datasets", {}), settings["datasets"]
-        clash = [k for k in settings if k != "datasets" and old.get(k) != settings[k]]
-        clash += [f"dataset {n}" for n in new_ds if n in old_ds and old_ds[n] != new_ds[n]]
-        if clash:
-            raise InputError(f"{out_dir} holds a run with other settings ({', '.join(clash)}); "
-                             f"use another --out, or the same settings to resume")
-        settings = dict(settings, datasets={**old_ds, **new_ds})
-    atomic_write_json(path, settings)
+_check_settings = check_settings  # the name the tests and older callers use
 
 
-class _Timings:
-    """Seconds and counts per phase, accumulated over resumed runs in ``timings.json``."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {}
-
-    def add(self, keys: list[str], **values: float) -> None:
-        node = self.data
-        for k in keys:
-            node = node.setdefault(k, {})
-        for k, v in values.items():
-            node[k] = round(node.get(k, 0) + v, 3)
-        atomic_write_json(self.path, self.data)
+def _adapter_sets(cfg: EvalConfig) -> list[tuple[TrainConfig, str]]:
+    """(recipe's training settings, init) of every adapter set, recipes first."""
+    return [(tcfg, init) for tcfg in cfg.trains for init in cfg.inits]
 
 
 def _augmentations_path(run: DatasetRun, model_name: str, acfg: AugmentConfig) -> Path:
@@ -234,8 +229,8 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
     model_name = Path(model_path).name
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _check_settings(out, _settings(cfg, runs, model_name))
-    timings = _Timings(out / "timings.json")
+    check_settings(out, _settings(cfg, runs, model_name))
+    timings = Timings(out / "timings.json")
     base_modes = [m for m in cfg.modes if m not in ADAPTER_MODES]
     needs_aug = any(m in AUGMENTED_MODES for m in cfg.modes)
 
@@ -251,7 +246,7 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
         logger.info("%s: %d questions retrieve %d distinct documents (top-%d)", run.name, len(run.questions),
                     len(needed[run.name]), cfg.top_k)
 
-    # Augment the retrieved documents (vLLM)
+    # Augment the retrieved documents (vLLM), once for every recipe
     augs = {}
     for run in runs:
         path = _augmentations_path(run, model_name, cfg.augment)
@@ -262,37 +257,40 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
             augs[run.name] = augment_corpus(todo, engine, path, cfg.augment)
             timings.add([run.name, "augment"], docs=len(todo), seconds=time.perf_counter() - t0)
 
-    # Warm-up LoRA (transformers), then one adapter per retrieved document and init
-    warmup_path = None
-    if pairs:
-        warmup_path = cfg.work / "warmup" / model_name / warmup_key(pairs, cfg.train, cfg.warmup_epochs, model_name)
-        summary = train_warmup_adapter(pairs, model_path, cfg.train, warmup_path, cfg.warmup_epochs)
+    # Warm-up LoRA (transformers; one per distinct warm-up key, usually shared by the recipes),
+    # then one adapter per retrieved document, recipe and init (the store key names both)
+    warmup_paths: dict[str, Path] = {}
+    for tcfg in cfg.trains if pairs else []:
+        path = cfg.work / "warmup" / model_name / warmup_key(pairs, tcfg, cfg.warmup_epochs, model_name)
+        warmup_paths[tcfg.recipe] = path
+        summary = train_warmup_adapter(pairs, model_path, tcfg, path, cfg.warmup_epochs)
         if summary["trained"]:
             timings.add(["warmup"], pairs=len(pairs), seconds=summary["seconds"])
-    stores: dict[tuple[str, str], AdapterStore] = {}
+    stores: dict[tuple[str, str, str], AdapterStore] = {}
     for run in runs:
-        for init in cfg.inits if adapter_modes and run.name in needed else []:
-            tcfg = replace(cfg.train, warmup_adapter=str(warmup_path) if init == "warmup" else None)
-            stores[run.name, init] = store = run.ws.store(model_path, tcfg)
+        for tcfg, init in _adapter_sets(cfg) if adapter_modes and run.name in needed else []:
+            warm = warmup_paths.get(tcfg.recipe) if init == "warmup" else None
+            tcfg = replace(tcfg, warmup_adapter=str(warm) if warm else None)
+            stores[run.name, tcfg.recipe, init] = store = run.ws.store(model_path, tcfg)
             summary = train_adapters(needed[run.name], augs[run.name], store, model_path, tcfg)
             if summary["trained"]:
-                timings.add([run.name, "train", init], docs=summary["trained"], seconds=summary["seconds"],
-                            tokens=summary["tokens"])
+                timings.add([run.name, "train", tcfg.recipe, init], docs=summary["trained"],
+                            seconds=summary["seconds"], tokens=summary["tokens"])
 
     if cfg.offline_only:
         logger.info("offline phases done (--offline-only); answers, metrics and report are left for a later run")
         return {}
 
-    # Answer every (question, mode): base modes once, adapter modes once per init
+    # Answer every (question, mode): base modes once, adapter modes once per recipe and init
     for run in runs:
         retriever = retrievers.get(run.name)
-        jobs = [("base", base_modes, AdapterStore(run.ws.root / "no-adapters"))] if base_modes else []
-        jobs += [(init, adapter_modes, stores[run.name, init]) for init in cfg.inits if adapter_modes]
-        for tag, modes, store in jobs:
+        jobs = [(answer_log(out, run.name), base_modes, AdapterStore(run.ws.root / "no-adapters"))] if base_modes else []
+        jobs += [(answer_log(out, run.name, tcfg.recipe, init), adapter_modes, stores[run.name, tcfg.recipe, init])
+                 for tcfg, init in _adapter_sets(cfg) if adapter_modes]
+        for log, modes, store in jobs:
             rag = ParametricRAG(retriever, store, engine, augs[run.name], default_k=cfg.top_k)
-            logger.info("%s: answering %s (%s)", run.name, ", ".join(modes), tag)
-            rag.answer_file(run.questions, out / "runs" / run.name / f"{tag}.jsonl", modes,
-                            batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
+            logger.info("%s: answering %s (%s)", run.name, ", ".join(modes), log.stem)
+            rag.answer_file(run.questions, log, modes, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
 
     return write_outputs(cfg, runs, out, model_name, timings.data,
                          {name: len(docs) for name, docs in needed.items()})

@@ -233,15 +233,18 @@ class BatchedTrainer:
         ids, mask = self._pad([ex.input_ids for _, ex, _ in rows])
         slots = torch.tensor([slot for slot, _, _ in rows], dtype=torch.long)
         self.router.rows = slots
-        # position t predicts token t+1; it counts if token t+1 is a target (HF's shifted labels)
+        # position t predicts token t+1. Every real position is projected to the vocabulary, as in
+        # PEFT's forward (the same matmul shapes, so the same bits); only positions whose next token
+        # is a target carry loss (HF's shifted labels with -100 elsewhere: weight 0)
         tmask = torch.zeros_like(mask, dtype=torch.bool)
         for n, (_, ex, _) in enumerate(rows):
             tmask[n, :len(ex.targets)] = torch.tensor(ex.targets)
-        valid = tmask[:, 1:]
-        weight = torch.tensor([1.0 / targets[slot] for slot, _, _ in rows]).unsqueeze(1).expand_as(valid)[valid]
+        valid = mask[:, 1:].bool()
+        per_row = torch.tensor([1.0 / targets[slot] for slot, _, _ in rows]).unsqueeze(1)
+        weight = (tmask[:, 1:].float() * per_row)[valid]
         tok_slot = slots.unsqueeze(1).expand_as(valid)[valid]
         labels = ids[:, 1:][valid]
-        kl = _kl_targets(rows, labels.shape[0], self.cfg.distill_top_k)
+        kl = _kl_targets(rows, self.cfg.distill_top_k)
         try:
             with self._autocast():
                 hidden = self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -268,23 +271,25 @@ class BatchedTrainer:
         self.counters["padded_tokens"] += ids.numel()
 
 
-def _kl_targets(rows: list[tuple], n_tokens: int, k: int):
-    """Per target token (in the order of the flattened targets): whether it is a ``kl``
-    target, and the teacher's top-k ids and log-probabilities; None without ``kl`` rows."""
+def _kl_targets(rows: list[tuple], k: int):
+    """Per real position of the micro-batch (row by row, position t predicting token t+1):
+    whether its next token is a ``kl`` target, and the teacher's top-k ids and log-probabilities
+    there; None without ``kl`` rows."""
     if all(teacher is None for _, _, teacher in rows):
         return None
+    n_tokens = sum(len(ex.input_ids) - 1 for _, ex, _ in rows)
     is_kl = torch.zeros(n_tokens, dtype=torch.bool)
     t_idx = torch.zeros(n_tokens, k, dtype=torch.long)
     t_logp = torch.full((n_tokens, k), -torch.inf)
     pos = 0
     for _, ex, teacher in rows:
-        n = ex.n_targets
+        at = [pos + t - 1 for t in range(1, len(ex.input_ids)) if ex.targets[t]]
         if teacher is not None:
             idx, logp = teacher
-            is_kl[pos:pos + n] = True
-            t_idx[pos:pos + n, :idx.shape[1]] = idx
-            t_logp[pos:pos + n, :idx.shape[1]] = logp
-        pos += n
+            is_kl[at] = True
+            t_idx[at, :idx.shape[1]] = idx
+            t_logp[at, :idx.shape[1]] = logp
+        pos += len(ex.input_ids) - 1
     return is_kl, t_idx, t_logp
 
 
