@@ -14,6 +14,7 @@ Writes ``OUT.json`` (keys ``fictional`` and ``2wiki``: per recipe and mode ``f1`
 and ``OUT.md``, and each run's ``prag eval`` report under ``OUT/``.
 
     python bench/recipes.py --jobs fictional@default,2wiki@default,fictional@paper --out docs/results/recipes
+    python bench/recipes.py --merge run1.json run2.partial.json --out docs/results/recipes   # one table
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _mean(v: list[float]) -> float | None:
 
 
 def run(args) -> dict:
-    from prag_vllm.augment import AugmentConfig, augment_corpus
+    from prag_vllm.augment import PROMPT_VERSION, AugmentConfig, augment_corpus
     from prag_vllm.benchdata import generate, write
     from prag_vllm.corpus import load_corpus
     from prag_vllm.evaluation.cli import LazyEngine
@@ -155,9 +156,10 @@ def run(args) -> dict:
                         write(generate(args.fictional_docs, args.seed), fdir)
                     docs = load_corpus(fdir / "corpus.jsonl")
                     base = dict(datasets=[f"jsonl={fdir / 'questions.jsonl'}"], corpus=str(fdir / "corpus.jsonl"),
-                                work_dir=work / "work-fictional", modes=MODES, top_k=3, max_tokens=args.max_tokens)
+                                work_dir=work / "work-fictional", modes=MODES, top_k=3, max_tokens=args.max_tokens,
+                                augment=AugmentConfig(n_qa=args.n_qa))
                     (frun,) = prepare(EvalConfig(out_dir=out / "fictional" / "x", **base))
-                    acfg = AugmentConfig()
+                    acfg = AugmentConfig(n_qa=args.n_qa)
                     augs = augment_corpus(docs, engine, _augmentations_path(frun, model_path.name, acfg), acfg)
                     retriever = build_retriever(RetrieverConfig(kind="bm25", index_dir=str(frun.ws.index_dir)), docs)
                     fict = read_jsonl(fdir / "questions.jsonl")
@@ -170,11 +172,13 @@ def run(args) -> dict:
             else:
                 metrics = run_eval(EvalConfig(datasets=[args.wiki], out_dir=rdir, work_dir=work / "work",
                                               per_type=args.wiki_per_type, modes=MODES, top_k=3, train=tcfg,
+                                              augment=AugmentConfig(n_qa=args.n_qa),
                                               max_tokens=args.max_tokens), engine, model_path)
                 (ds,) = metrics["datasets"].values()
                 rate = (ds["offline"]["train_s_per_doc"].get(tcfg.recipe) or {}).get("random")
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None}
-            entry.update(epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr)
+            entry.update(epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr, augment_prompt=PROMPT_VERSION, n_qa=args.n_qa,
+                         date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             results[dataset][r] = entry
             atomic_write_json(out.with_suffix(".partial.json"), results)
             logger.info("%s %s: %s", dataset, r, json.dumps(entry["modes"]))
@@ -182,12 +186,36 @@ def run(args) -> dict:
     return results
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from several runs' JSON (each entry keeps its ``date`` and ``augment_prompt``);
+    a later run's entry replaces an earlier one of the same recipe and augmentation, and an earlier
+    entry of another augmentation stays, renamed ``RECIPE (aug vN)``."""
+    out: dict = {"fictional": {}, "2wiki": {}, "merged_from": []}
+    for path in paths:
+        res = json.loads(path.read_text())
+        out.update({k: res[k] for k in ("model", "machine", "date") if k in res})
+        out["merged_from"].append({"file": path.name, "command": res.get("command"), "date": res.get("date"),
+                                   "wall_s": res.get("wall_s")})
+        for ds in ("fictional", "2wiki"):
+            for r, e in res.get(ds, {}).items():
+                e.setdefault("date", res.get("date"))
+                old = out[ds].get(r)
+                if old is not None and old.get("augment_prompt") != e.get("augment_prompt"):
+                    out[ds][f"{r} (aug v{old.get('augment_prompt')})"] = out[ds].pop(r)
+                out[ds][r] = e
+    out["command"] = "python bench/recipes.py --merge " + " ".join(p.name for p in paths)
+    return out
+
+
 def report(res: dict) -> str:
     m = res["machine"]
     lines = [f"# Training recipes: knowledge injection ({res['model']})", "",
              f"{res['date']}, {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores; "
-             f"wall {res.get('wall_s', 'not finished: partial results')} s.",
+             + ("merged runs:" if "merged_from" in res else f"wall {res.get('wall_s', 'not finished: partial results')} s."),
              f"Command: `{res['command']}`", ""]
+    for run in res.get("merged_from", []):
+        lines.insert(-1, f"- `{run['file']}`: {run['date']}, `{run['command']}`, "
+                         f"wall {run['wall_s'] if run['wall_s'] is not None else 'not finished (partial)'} s")
     for ds in ("fictional", "2wiki"):
         if not res[ds]:
             continue
@@ -197,8 +225,10 @@ def report(res: dict) -> str:
             for mode, v in e["modes"].items():
                 lines.append(f"| {r} | {mode} | {v['f1']:.3f} | {v['em']:.3f} | {v['template_leaks']} "
                              f"| {v['hit_max_tokens']} | {v['questions']} |")
-        lines += ["", "| recipe | loss policy | epochs | lr | train s/doc |", "|---|---|---:|---:|---:|"]
-        lines += [f"| {r} | {e['loss_policy']} | {e['epochs']} | {e['lr']} | {e['train_s_per_doc']} |"
+        lines += ["", "| recipe | ran as | loss policy | epochs | lr | augmentation | train s/doc | run |",
+                  "|---|---|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {r} | {e.get('ran_as', r)} | {e['loss_policy']} | {e['epochs']} | {e['lr']} "
+                  f"| v{e.get('augment_prompt', '?')} | {e['train_s_per_doc']} | {e.get('date', '')} |"
                   for r, e in res[ds].items()]
         if ds == "fictional":
             lines += ["", "Merge interference (parametric, gold documents forced into a merge of k):", "",
@@ -227,10 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wiki", default=str(Path(__file__).resolve().parents[2] / "shared/data/2wikimultihopqa/dev_sample.json"))
     p.add_argument("--wiki-per-type", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--n-qa", type=int, default=3, help="QA pairs per document (augmentation; use another --work "
+                   "for another value: adapters of one recipe share a store, and stale ones are trained again)")
     p.add_argument("--work", default=str(cache / "bench" / "recipes"))
     p.add_argument("--out", default="docs/results/recipes")
     p.add_argument("--report-only", action="store_true",
                    help="write OUT.json/.md from the finished jobs of an interrupted run (OUT.partial.json)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="write OUT.json/.md from these runs' results (OUT.json or OUT.partial.json of each), in order")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     args.argv = argv
@@ -238,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     out = Path(args.out)
-    res = json.loads(out.with_suffix(".partial.json").read_text()) if args.report_only else run(args)
+    if args.merge:
+        res = merge(args.merge)
+    else:
+        res = json.loads(out.with_suffix(".partial.json").read_text()) if args.report_only else run(args)
     atomic_write_json(out.with_suffix(".json"), res)
     atomic_write_text(out.with_suffix(".md"), report(res))
     print(report(res))

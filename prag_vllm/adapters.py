@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prag_vllm.errors import AdapterError
+from prag_vllm.ffn import FFN_TARGETS, ffn_shapes
 from prag_vllm.fileio import atomic_directory, atomic_write_json
 
 if TYPE_CHECKING:
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FFN_TARGETS = ("gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -240,10 +240,8 @@ class LoraAdapter:
         """An all-zero FFN adapter for ``model_config``: exactly the base model when applied."""
         import torch
 
-        h, i, n = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
-        shapes = {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        weights = {f"model.layers.{layer}.mlp.{name}": (torch.zeros(r, fan_in), torch.zeros(fan_out, r))
-                   for layer in range(n) for name, (fan_in, fan_out) in shapes.items()}
+        weights = {module: (torch.zeros(r, fan_in), torch.zeros(fan_out, r))
+                   for module, (fan_in, fan_out) in ffn_shapes(model_config).items()}
         return cls(r=r, alpha=float(r), weights=weights, base_model=base_model, meta={"kind": "zero"})
 
 
@@ -261,10 +259,23 @@ class AdapterStore:
     def path(self, doc_id: str) -> Path:
         return self.root / "docs" / doc_key(doc_id)
 
-    def has(self, doc_id: str) -> bool:
-        """True if a complete adapter for ``doc_id`` is present (atomic writes: complete or absent)."""
+    def has(self, doc_id: str, *, source: str | None = None) -> bool:
+        """True if a complete adapter for ``doc_id`` is present (atomic writes: complete or absent).
+
+        ``source``: the digest of what the adapter must have been trained from
+        (:func:`prag_vllm.parameterize.source_digest`); an adapter that recorded another one is
+        stale (its document or augmentation changed) and counts as absent. Adapters written
+        before digests were recorded count as present."""
         p = self.path(doc_id)
-        return (p / META_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+        if not ((p / META_FILE).is_file() and (p / WEIGHTS_FILE).is_file()):
+            return False
+        if source is None:
+            return True
+        try:
+            recorded = json.loads((p / META_FILE).read_text()).get("train", {}).get("source")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return recorded in (None, source)
 
     def save(self, doc_id: str, adapter: LoraAdapter) -> Path:
         adapter.meta = dict(adapter.meta, doc_id=doc_id)

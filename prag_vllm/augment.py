@@ -36,8 +36,9 @@ QA_PROMPT = (
     "Output only a JSON list in this format:\n"
     '[{{"question": "...", "answer": "..."}}, ...]\n\nPassage:\n{passage}'
 )
-PROMPT_VERSION = 2
-"""Bumped when REWRITE_PROMPT, QA_PROMPT or the filters change (augmentation logs are keyed by it)."""
+PROMPT_VERSION = 3
+"""Bumped when REWRITE_PROMPT, QA_PROMPT or the filters change (augmentation logs are keyed by it).
+3: QA pairs must also name the document's subject and must not contain their answer (:func:`usable_qa`)."""
 
 
 class ChatGenerator(Protocol):
@@ -116,6 +117,24 @@ def answer_in_passage(answer: str, passage: str) -> bool:
     return bool(ans) and f" {ans} " in f" {normalize_answer(passage)} "
 
 
+def names_subject(question: str, doc: Document) -> bool:
+    """True if the question names the document's subject: one of the title's words (three or more
+    letters, a parenthesised qualifier left out) occurs in it. Untitled documents always pass.
+    A question that names nothing ("What is the name of the book?") teaches an adapter to give
+    its one answer to any question."""
+    from prag_vllm.metrics import normalize_answer
+
+    words = [w for w in normalize_answer(re.sub(r"\([^)]*\)", " ", doc.title)).split() if len(w) >= 3]
+    return not words or bool(set(words) & set(normalize_answer(question).split()))
+
+
+def usable_qa(pair: dict, doc: Document) -> bool:
+    """A QA pair worth training on: its answer occurs in the passage but not in the question, and
+    the question names the document's subject."""
+    q, a = pair["question"], pair["answer"]
+    return answer_in_passage(a, doc.passage) and not answer_in_passage(a, q) and names_subject(q, doc)
+
+
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
@@ -129,7 +148,10 @@ def _user(text: str) -> list[dict]:
 
 
 def augment_batch(docs: list[Document], llm: ChatGenerator, cfg: AugmentConfig) -> list[Augmentation]:
-    """Augment one batch of documents with two batched LLM calls (plus retries of failures)."""
+    """Augment one batch of documents with two batched LLM calls, plus retries (with sampling) of
+    the documents with fewer than ``n_qa`` usable QA pairs; their pairs accumulate over the tries."""
+    from prag_vllm.metrics import normalize_answer
+
     convs = [_user(REWRITE_PROMPT.format(passage=d.passage)) for d in docs for _ in range(cfg.n_rewrites)]
     rewrites = llm.chat(convs, max_tokens=cfg.max_tokens, temperature=0.7 if cfg.n_rewrites > 1 else 0.0,
                         seed=cfg.seed) if convs else []
@@ -149,14 +171,17 @@ def augment_batch(docs: list[Document], llm: ChatGenerator, cfg: AugmentConfig) 
                         seed=cfg.seed + attempt)
         still = []
         for i, out in zip(pending, outs):
-            pairs = [p for p in parse_qa(out, 4 * cfg.n_qa) if answer_in_passage(p["answer"], docs[i].passage)][:cfg.n_qa]
-            if pairs:
-                results[i].qa = pairs
-            else:  # nothing parsed, or no answer found in the passage: retried with sampling
+            have = results[i].qa
+            seen = {normalize_answer(p["question"]) for p in have}
+            for p in parse_qa(out, 4 * cfg.n_qa):
+                if len(have) < cfg.n_qa and usable_qa(p, docs[i]) and normalize_answer(p["question"]) not in seen:
+                    have.append(p)
+                    seen.add(normalize_answer(p["question"]))
+            if len(have) < cfg.n_qa:  # too few usable pairs (usable_qa): asked again, with sampling
                 still.append(i)
-        pending = still
+        pending = [i for i in still if attempt < cfg.max_retries or not results[i].qa]
     for i in pending:
-        logger.warning("document %r: QA output did not parse after %d tries; training on its passages only",
+        logger.warning("document %r: no usable QA pair after %d tries; training on its passages only",
                        docs[i].id, cfg.max_retries + 1)
         results[i].qa_failed = True
     return results

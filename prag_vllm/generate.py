@@ -99,6 +99,12 @@ class EngineConfig:
     (``VLLM_CPU_NUM_OF_RESERVED_CPU``). vLLM reserves one, which halves compute on a 2-core
     machine (measured: 1.75-1.9x throughput with 0, ``docs/results/lora_knobs/lora_knobs.md``). None: vLLM's
     default. A value already in the environment wins."""
+    cpu_attn_split_kv: bool | None = False
+    """vLLM-cpu's split-KV decode attention (``VLLM_CPU_ATTN_SPLIT_KV``; vLLM's default: on).
+    On, it splits a sequence's keys over threads depending on how many sequences the step has,
+    so an answer's rounding depends on its batch; off, a decode step's attention is the same
+    for a sequence in every batch (``docs/batch_invariance.md``; measured cost on 2 cores: within
+    noise, <= 5 %). None: vLLM's default. A value already in the environment wins."""
     extra: dict = field(default_factory=dict)
     """Further keyword arguments for ``vllm.LLM``."""
 
@@ -112,6 +118,8 @@ class EngineConfig:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if self.cpu_reserved_cores is not None:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(self.cpu_reserved_cores))
+        if self.cpu_attn_split_kv is not None:
+            os.environ.setdefault("VLLM_CPU_ATTN_SPLIT_KV", str(int(self.cpu_attn_split_kv)))
 
     def needs_guard(self) -> bool:
         """Whether adapter-less requests must run with an all-zero adapter: LoRA on, and
@@ -145,8 +153,9 @@ WARM_UP_LORA_ID = (1 << 30) + 1
 
 def warm_up_requests(cfg: EngineConfig, null_adapter: Path | None) -> list:
     """LoRA requests for one warm-up step that makes vLLM's worker compile the plugin's
-    gather kernels (``vllm_plugin.gather``) at start-up instead of in the first batch with
-    many distinct adapters: the zero adapter under distinct ids. Empty when not needed."""
+    kernels (``vllm_plugin.gather``: the batch-invariant ``rows`` kernel, or with
+    ``PRAG_LORA_BATCH_INVARIANT=0`` the gather kernels) at start-up instead of in the first
+    batch with adapters: the zero adapter under distinct ids. Empty when not needed."""
     if null_adapter is None or not cfg.enable_lora or not grouped_ops_active():
         return []
     from prag_vllm.vllm_plugin import gather

@@ -12,6 +12,7 @@ reference; :mod:`prag_vllm.training.trainer` trains many documents at once, equa
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -85,6 +86,14 @@ class TrainConfig:
 def training_examples(doc: Document, aug: Augmentation | None, tokenizer, cfg: TrainConfig) -> list[Example]:
     """The document's training sequences under ``cfg``'s recipe and loss policy."""
     return cfg.spec.examples(doc, aug, tokenizer, policy=cfg.loss_policy, max_length=cfg.max_length)
+
+
+def source_digest(doc: Document, aug: Augmentation | None) -> str:
+    """sha256 of what a document's adapter is trained from (its text and its augmentation): an
+    adapter whose recorded digest differs is stale and is trained again (``AdapterStore.has``)."""
+    src = {"title": doc.title, "text": doc.text, "rewrites": list(aug.rewrites) if aug else [],
+           "qa": [[qa.get("question"), qa.get("answer")] for qa in aug.qa] if aug else []}
+    return hashlib.sha256(json.dumps(src, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _doc_seed(base: int, doc_id: str) -> int:
@@ -193,7 +202,8 @@ class DocumentTrainer:
                  "seconds": time.perf_counter() - t0}
         adapter = self.export()
         adapter.meta = {"train": {**stats, **recipe_meta(self.cfg), "seed": seed,
-                                  "init": "warmup" if self.warmup else "random"}}
+                                  "init": "warmup" if self.warmup else "random",
+                                  "source": source_digest(doc, aug)}}
         return adapter, stats
 
 
@@ -208,7 +218,7 @@ def parameterize_corpus(docs: list[Document], augmentations: dict[str, Augmentat
     """Train and store an adapter for every document that has none yet (resumable)."""
     from tqdm.auto import tqdm
 
-    todo = [d for d in docs if not store.has(d.id)]
+    todo = [d for d in docs if not store.has(d.id, source=source_digest(d, augmentations.get(d.id)))]
     summary = {"documents": len(docs), "skipped": len(docs) - len(todo), "trained": 0, "tokens": 0, "seconds": 0.0}
     if len(todo) < len(docs):
         logger.info("parameterize: %d of %d documents already have adapters, skipping them",

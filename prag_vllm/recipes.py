@@ -12,18 +12,24 @@ never mix.
   and once with the rewrite in PRAG's user prompt, QA 3 without a passage), the
   generation prompt followed by ``The answer is {answer}.`` with no end of turn, loss on
   every token, 1 epoch, no shuffling, one shared random init for every document.
-- ``default``: the recipe measured best here (docs/recipes.md). The document and its
-  rewrites as plain text (loss on the text), every QA pair asked as at inference with
-  the bare question, and again with the passage in the prompt (loss on the answer and
-  the end-of-turn token only).
-- ``distill``: ``default``'s sequences, but the bare-question QA turns learn the
+- ``plain``: the document and its rewrites as plain text (loss on the text), every QA pair
+  asked as at inference with the bare question, and again with the passage in the prompt
+  (loss on the answer and the end-of-turn token only).
+- ``default``: the recipe measured best here (docs/recipes.md): ``plain`` plus counterfactual
+  contexts -- each QA pair over its passage with the answer replaced by a stand-in, answered
+  with the stand-in, so that a passage in the prompt overrides what the adapter learned
+  (:class:`DefaultRecipe`).
+- ``distill``: ``plain``'s sequences, but the bare-question QA turns learn the
   next-token distribution of a teacher -- the base model with the passage in its prompt
   -- on the answer tokens (KL divergence; context distillation as in Knowledge Modules,
   arXiv 2503.08727). Batched trainer only.
+- ``specific``: ``distill`` plus locality: questions about a scrambled subject keep the base
+  model's distribution (:class:`SpecificRecipe`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from prag_vllm.augment import Augmentation
@@ -71,7 +77,9 @@ class Recipe:
     description: str = ""
 
     def pieces(self, doc: Document, aug: Augmentation | None, tokenizer) -> list[tuple[list[Piece], str]]:
-        """The document's sequences, each as pieces plus its objective (``ce`` or ``kl``)."""
+        """The document's sequences, each as pieces plus its objective: ``ce``; ``kl`` (learn the
+        teacher's distribution on the answer, the teacher's sequence from :meth:`teacher_pieces`);
+        ``kl-base`` (keep the base model's own distribution on this very sequence)."""
         raise NotImplementedError
 
     def examples(self, doc: Document, aug: Augmentation | None, tokenizer, *, policy: str | None = None,
@@ -83,9 +91,10 @@ class Recipe:
             chat = any(p.role == "template" for p in pieces)
             ex = make_example(tokenizer, pieces, policy, max_length=max_length, eot_after_answer=self.eot_after_answer,
                               add_special_tokens=not chat)
-            if objective == "kl":  # KL on the answer tokens (and end of turn), whatever the policy
-                tex = make_example(tokenizer, self.teacher_pieces(doc, pieces, tokenizer), "answer",
-                                   max_length=max_length, eot_after_answer=self.eot_after_answer)
+            if objective in ("kl", "kl-base"):  # KL on the answer tokens (and end of turn), whatever the policy
+                teacher = pieces if objective == "kl-base" else self.teacher_pieces(doc, pieces, tokenizer)
+                tex = make_example(tokenizer, teacher, "answer", max_length=max_length,
+                                   eot_after_answer=self.eot_after_answer)
                 kl = make_example(tokenizer, pieces, "answer", max_length=max_length,
                                   eot_after_answer=self.eot_after_answer)
                 if kl.n_targets and _target_tokens(kl) == _target_tokens(tex):
@@ -154,10 +163,10 @@ class PaperRecipe(Recipe):
 
 
 @dataclass(frozen=True)
-class DefaultRecipe(Recipe):
-    name: str = "default"
+class PlainRecipe(Recipe):
+    name: str = "plain"
     description: str = ("passage + rewrites as text, QA turns as asked at inference (bare and with the passage), "
-                        "loss on passage and answer tokens, end of turn trained")
+                        "loss on passage and answer tokens, end of turn trained (default's sequences before 2026-12-06)")
 
     def pieces(self, doc, aug, tokenizer):
         out = [([Piece(p, "passage")], "ce") for p in [doc.passage, *(aug.rewrites if aug else [])]]
@@ -172,15 +181,97 @@ class DefaultRecipe(Recipe):
         return _ask(tokenizer, question, answer, [doc.passage])
 
 
+def counterfactual(answer: str, key: str) -> str:
+    """A deterministic stand-in for ``answer`` that is surely not it: a number moved by a
+    non-zero offset (same number of digits), otherwise every word of four or more letters with
+    its inner letters shuffled (first and last kept, case kept). ``key`` seeds the choice."""
+    import random
+
+    rng = random.Random(hashlib.sha256(f"{key}\0{answer}".encode()).digest())
+    a = answer.strip()
+    if a.isdigit():
+        lo, hi = 10 ** (len(a) - 1) if len(a) > 1 else 0, 10 ** len(a) - 1
+        moved = [v for v in range(max(lo, int(a) - 90), min(hi, int(a) + 90) + 1) if v != int(a)]
+        return str(rng.choice(moved)) if moved else a
+    words = []
+    for w in a.split(" "):
+        inner = list(w[1:-1])
+        if len(w) >= 4 and w.isalpha() and len(set(inner)) > 1:
+            shuffled = inner[:]
+            while shuffled == inner:
+                rng.shuffle(shuffled)
+            w = (w[0] + "".join(shuffled) + w[-1]).lower() if w.islower() else w[0] + "".join(shuffled).lower() + w[-1]
+        words.append(w)
+    return " ".join(words)
+
+
 @dataclass(frozen=True)
-class DistillRecipe(DefaultRecipe):
+class DefaultRecipe(PlainRecipe):
+    """``plain`` plus counterfactual contexts (as knowledge-aware fine-tuning does, Li et al.
+    2022, arXiv 2211.05110): each QA pair once more with a passage in which its answer was
+    replaced by a stand-in (:func:`counterfactual`), answered with the stand-in. The adapter
+    learns its document's facts from the bare questions and, from these, that a passage in the
+    prompt overrides what it learned -- so in the combined mode the merged adapters of other
+    documents do not outvote the passage that answers the question. Measured best
+    (docs/recipes.md; it ran there under the name ``faithful``)."""
+
+    name: str = "default"
+    description: str = ("plain's sequences (passage and rewrites as text, QA turns bare and with the passage), plus "
+                        "each QA pair over a counterfactual passage (its answer replaced) answered from that passage")
+
+    def pieces(self, doc, aug, tokenizer):
+        out = super().pieces(doc, aug, tokenizer)
+        for qa in _qa(aug):
+            answer = qa["answer"].strip()
+            fake = counterfactual(answer, doc.id)
+            if fake != answer and answer in doc.passage and fake not in doc.passage:
+                out.append((_ask(tokenizer, qa["question"], fake, [doc.passage.replace(answer, fake)]), "ce"))
+        return out
+
+
+@dataclass(frozen=True)
+class DistillRecipe(PlainRecipe):
     name: str = "distill"
     distill: bool = True
     description: str = ("default's sequences; bare-question QA turns learn the teacher's (base model with the "
                         "passage in its prompt) next-token distribution on the answer (KL)")
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (DefaultRecipe(), PaperRecipe(), DistillRecipe())}
+def other_subject(question: str, doc: Document) -> str | None:
+    """``question`` about a subject that does not exist: every title word (three or more letters)
+    in it replaced by :func:`counterfactual` of itself; None when it names no title word."""
+    import re
+
+    words = {w for w in re.sub(r"\([^)]*\)", " ", doc.title).split() if len(w) >= 3 and w.isalpha()}
+    out = question
+    for w in sorted(words, key=len, reverse=True):
+        out = re.sub(rf"\b{re.escape(w)}\b", counterfactual(w, doc.id), out)
+    return out if out != question else None
+
+
+@dataclass(frozen=True)
+class SpecificRecipe(DistillRecipe):
+    """``distill`` plus locality: each QA question asked once more about a subject that does not
+    exist (the title's words scrambled, :func:`other_subject`), where the adapter must leave the
+    base model's next-token distribution as it is (KL to the base model on that very sequence,
+    as knowledge editors keep unrelated prompts unchanged). The adapter learns to answer only
+    about its own document, so in a merge it does not answer other documents' questions."""
+
+    name: str = "specific"
+    description: str = ("distill's sequences, plus each QA question about a scrambled subject, kept at the base "
+                        "model's distribution (KL): the adapter answers only about its document")
+
+    def pieces(self, doc, aug, tokenizer):
+        out = super().pieces(doc, aug, tokenizer)
+        for qa in _qa(aug):
+            other = other_subject(qa["question"], doc)
+            if other:
+                out.append((_ask(tokenizer, other, counterfactual(qa["answer"], doc.id)), "kl-base"))
+        return out
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (DefaultRecipe(), PaperRecipe(), PlainRecipe(), DistillRecipe(),
+                                                     SpecificRecipe())}
 
 
 def get_recipe(name: object) -> Recipe:

@@ -37,9 +37,12 @@ class Server:
     """Everything a running server owns; :meth:`build_service` starts vLLM."""
 
     def __init__(self, cfg: ServerConfig):
+        from transformers import AutoConfig
+
         from prag_vllm.adapters import AdapterStore, model_identity
         from prag_vllm.augment import load_augmentations
         from prag_vllm.corpus import load_corpus
+        from prag_vllm.ffn import ffn_shapes
         from prag_vllm.models import DEFAULT_MODEL, resolve_model
         from prag_vllm.retrieve import build_retriever
         from prag_vllm.workspace import Workspace
@@ -49,6 +52,7 @@ class Server:
         corpus = Path(cfg.corpus) if cfg.corpus else _demo_corpus(ws.root)
         docs = load_corpus(corpus)
         self.model_path = Path(resolve_model(cfg.model or DEFAULT_MODEL))
+        self.ffn_shapes = ffn_shapes(AutoConfig.from_pretrained(self.model_path))  # an unsupported model fails here
         self.store = AdapterStore(cfg.adapter_store) if cfg.adapter_store else ws.store(self.model_path)
         # the embedded index is a local cache (built or reused); an Elasticsearch index is
         # shared and written only by `prag index`: the server opens it read-only
@@ -71,10 +75,12 @@ class Server:
         """Start vLLM and wire the service (called by the app at startup)."""
         import asyncio
 
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from prag_vllm.generate import EngineConfig
-        from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
+        from serving.adapters.doc_cache import DocAdapterCache
+        from serving.adapters.merged_cache import MergedAdapterLRU
+        from serving.adapters.preload import preload
         from serving.engine import AsyncEngine
         from serving.metrics import ServerMetrics
         from serving.service import RAGService
@@ -94,15 +100,15 @@ class Server:
             loop.create_task(self.engine.unload_adapter(entry.lora_id))
 
         worker_merge = bool(cfg.worker_merge) and self.engine.plugin_active
-        docs = DocAdapterCache(self.store, expected_shapes(AutoConfig.from_pretrained(self.model_path)),
-                               cfg.max_lora_rank, max_bytes=cfg.doc_cache_max_bytes, model_id=self.model_id,
-                               keep_tensors=not worker_merge)
+        docs = DocAdapterCache(self.store, self.ffn_shapes, cfg.max_lora_rank, max_bytes=cfg.doc_cache_max_bytes,
+                               model_id=self.model_id, keep_tensors=not worker_merge)
         if cfg.preload_adapters and cfg.enable_lora:
             def to_worker(adapters) -> tuple[int, bool]:  # from the preload thread: vLLM's worker reads them too
                 got = asyncio.run_coroutine_threadsafe(self.engine.preload_parts(adapters), loop).result(timeout=600)
                 return got["documents"], got["full"]
 
-            docs.preload(self.adapter_doc_ids, background=True, on_batch=to_worker if worker_merge else None)
+            preload(docs, self.adapter_doc_ids, background=True, on_batch=to_worker if worker_merge else None)
+
         async def load(entry) -> None:
             await self.engine.load_adapter(entry.lora_name, entry.lora_id, entry.path)
 
@@ -117,11 +123,7 @@ class Server:
     def app(self):
         from serving.app import create_app
 
-        cfg = self.cfg
-        return create_app(self.build_service, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes,
-                          max_top_k=cfg.max_top_k, default_top_k=cfg.default_top_k, max_model_len=cfg.max_model_len,
-                          max_tokens_limit=cfg.max_tokens_limit, default_max_tokens=cfg.default_max_tokens,
-                          on_shutdown=self.close)
+        return create_app(self.build_service, self.cfg, on_shutdown=self.close)
 
     def close(self) -> None:
         if self.engine is not None:

@@ -17,7 +17,8 @@ from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
 from prag_vllm.modes import MODES, Mode, context_block
 from prag_vllm.retrieve import Retriever
-from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, MergedEntry
+from serving.adapters.doc_cache import DocAdapterCache
+from serving.adapters.merged_cache import MergedAdapterLRU, MergedEntry
 from serving.engine import AsyncEngine
 from serving.metrics import ServerMetrics
 from serving.protocol import OpenAIError

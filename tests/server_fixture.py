@@ -32,6 +32,9 @@ SWAP_DOC = ("doc-swap", "Rewoldia")
 """A document with a good adapter that only test_replaced_adapter_while_serving asks about."""
 EVICT_DOC = ("doc-evict", "Quillmarsh")
 """The same for test_adapter_replaced_after_vllm_dropped_it."""
+SERVER_DTYPE = os.environ.get("PRAG_TEST_SERVER_DTYPE", "float32")
+"""The server's engine dtype: float32 (exact comparisons, CI); ``auto`` runs the soak in the
+production dtype (``bench/batch_invariance.py soak``)."""
 
 
 def _free_port() -> int:
@@ -72,7 +75,7 @@ def server(tmp_path_factory, test_model_dir):
     port = _free_port()
     log = open(root / "server.log", "w")
     cmd = [sys.executable, "-m", "serving", "--corpus", str(corpus), "--work-dir", str(root / "ws"),
-           "--adapter-store", str(store.root), "--model", str(test_model_dir), "--dtype", "float32",
+           "--adapter-store", str(store.root), "--model", str(test_model_dir), "--dtype", SERVER_DTYPE,
            "--port", str(port), "--max-model-len", "1024", "--max-loras", "8", "--max-num-seqs", "32",
            "--max-top-k", "8", "--api-key", API_KEY, "--cache-max-entries", "32", "--log-level", "info",
            "--preload-adapters", "1"]

@@ -17,12 +17,14 @@ from prag_vllm.merge import merge_adapters
 def caches(tmp_path, tiny_model_dir):
     from transformers import AutoConfig
 
-    from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
+    from prag_vllm.ffn import ffn_shapes
+    from serving.adapters.doc_cache import DocAdapterCache
+    from serving.adapters.merged_cache import MergedAdapterLRU
 
     store = AdapterStore(tmp_path / "store")
     for i in range(6):
         store.save(f"d{i}", random_adapter(tiny_model_dir, seed=i))
-    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), max_rank=8)
+    docs = DocAdapterCache(store, ffn_shapes(AutoConfig.from_pretrained(tiny_model_dir)), max_rank=8)
     evicted = []
 
     def make(max_entries=3, max_bytes=1 << 30):
@@ -153,11 +155,12 @@ def test_each_corruption_is_rejected(caches, kind):
 def test_rank_above_the_engine_limit_is_rejected(tmp_path, tiny_model_dir):
     from transformers import AutoConfig
 
-    from serving.adapter_cache import DocAdapterCache, expected_shapes
+    from prag_vllm.ffn import ffn_shapes
+    from serving.adapters.doc_cache import DocAdapterCache
 
     store = AdapterStore(tmp_path / "store")
     store.save("big", random_adapter(tiny_model_dir, seed=0, rank=16))
-    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), max_rank=8)
+    docs = DocAdapterCache(store, ffn_shapes(AutoConfig.from_pretrained(tiny_model_dir)), max_rank=8)
     assert docs.get("big") is None and "rank 16" in docs.rejected["big"]
 
 
@@ -191,7 +194,8 @@ def test_config_file_and_flags(tmp_path):
 def test_parallel_reads_and_preload(caches, tmp_path):
     """get_many reads cold adapters in parallel with the same result (bad ones still None);
     preload fills the cache up to its byte bound, then stops."""
-    from serving.adapter_cache import DocAdapterCache
+    from serving.adapters.doc_cache import DocAdapterCache
+    from serving.adapters.preload import preload
 
     store, docs, make, _ = caches
     (store.path("d5") / "adapter_model.safetensors").write_bytes(b"garbage")
@@ -205,7 +209,7 @@ def test_parallel_reads_and_preload(caches, tmp_path):
 
     one = docs.nbytes // 3
     small = DocAdapterCache(store, docs.shapes, max_rank=8, max_bytes=int(2.5 * one))
-    small.preload([f"d{i}" for i in range(5)], background=True).join(timeout=60)
+    preload(small, [f"d{i}" for i in range(5)], background=True).join(timeout=60)
     assert list(small._items) == ["d0", "d1"]  # stopped when full, nothing read only to be evicted
 
 
@@ -216,13 +220,14 @@ def test_engine_without_lora_puts_every_document_in_context(tiny_model_dir, tmp_
     from transformers import AutoConfig
 
     from prag_vllm.corpus import Document
+    from prag_vllm.ffn import ffn_shapes
     from prag_vllm.generate import EngineConfig
-    from serving.adapter_cache import DocAdapterCache, expected_shapes
+    from serving.adapters.doc_cache import DocAdapterCache
     from serving.service import RAGService
 
     store = AdapterStore(tmp_path / "store")
     store.save("d1", random_adapter(tiny_model_dir, seed=1))
-    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), max_rank=8)
+    docs = DocAdapterCache(store, ffn_shapes(AutoConfig.from_pretrained(tiny_model_dir)), max_rank=8)
     service = RAGService.__new__(RAGService)
     service.docs, service.max_lora_rank = docs, 8
     d1 = Document(id="d1", title="D1", text="one")
@@ -234,7 +239,8 @@ def test_engine_without_lora_puts_every_document_in_context(tiny_model_dir, tmp_
 def test_preload_hands_validated_adapters_to_the_worker_in_batches(caches):
     """--preload-adapters with worker merge: validated adapters go to vLLM's worker a batch at
     a time; once the worker is full (or fails) nothing more is sent; /health shows progress."""
-    from serving.adapter_cache import DocAdapterCache
+    from serving.adapters.doc_cache import DocAdapterCache
+    from serving.adapters.preload import preload
 
     store, docs, _, _ = caches
     ids = [f"d{i}" for i in range(5)]
@@ -245,7 +251,7 @@ def test_preload_hands_validated_adapters_to_the_worker_in_batches(caches):
         return sum(map(len, sent)), len(sent) == 2  # full after the second batch
 
     cache = DocAdapterCache(store, docs.shapes, max_rank=8, keep_tensors=False)
-    cache.preload(ids, on_batch=worker, batch=2)  # three batches, but the worker is full after two
+    preload(cache, ids, on_batch=worker, batch=2)  # three batches, but the worker is full after two
     assert [len(b) for b in sent] == [2, 2] and cache.preload_state == {"running": False, "documents": 5,
                                                                          "worker_documents": 4}
     assert sent[0][0] == str((store.path("d0") / "adapter_model.safetensors").resolve())
@@ -254,8 +260,8 @@ def test_preload_hands_validated_adapters_to_the_worker_in_batches(caches):
         raise RuntimeError("engine gone")
 
     other = DocAdapterCache(store, docs.shapes, max_rank=8, keep_tensors=False)
-    other.preload(ids, on_batch=broken, batch=2)  # the server keeps serving: only logged
+    preload(other, ids, on_batch=broken, batch=2)  # the server keeps serving: only logged
     assert other.preload_state["documents"] == 5 and other.preload_state["worker_documents"] == 0
     plain = DocAdapterCache(store, docs.shapes, max_rank=8)
-    plain.preload(ids)
+    preload(plain, ids)
     assert plain.preload_state["worker_documents"] is None

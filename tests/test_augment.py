@@ -33,9 +33,11 @@ GOOD = '[{"question": "Q1?", "answer": "A1"}, {"question": "Q2?", "answer": "A2"
 
 
 def good(passage: str) -> str:
-    """Two QA pairs whose answers are words of ``passage`` (kept by the answer-in-passage filter)."""
+    """Three usable QA pairs (``usable_qa``): each question names the passage's subject (its first
+    word, the title's), each answer is words of the passage that the question does not contain."""
     w = passage.split()
-    return json.dumps([{"question": "Q1?", "answer": w[0]}, {"question": "Q2?", "answer": " ".join(w[1:3])}])
+    return json.dumps([{"question": f"Q{i} about {w[0]}?", "answer": " ".join(w[-1 - i:len(w) - i])}
+                       for i in range(3)])
 
 
 def test_parse_qa_formats():
@@ -66,7 +68,7 @@ def test_malformed_output_does_not_abort(tmp_path, caplog):
     assert set(out) == {d.id for d in DOCS}
     assert out["d2"].qa_failed and out["d2"].qa == []
     assert all(out[d].qa and not out[d].qa_failed for d in ("d1", "d3", "d4"))
-    assert any("did not parse" in r.message and "d2" in r.message for r in caplog.records)
+    assert any("no usable QA pair" in r.message and "d2" in r.message for r in caplog.records)
     # batched: 1 rewrite call + 3 QA attempts for the batch of 4, not one call per document
     assert llm.calls == [4, 4, 4, 1]
     assert out["d1"].rewrites == ["Rewritten: " + DOCS[0].passage]
@@ -84,19 +86,43 @@ def test_resume_skips_done_documents(tmp_path):
     assert len(out) == 4
 
 
-def test_answers_not_in_the_passage_are_dropped_and_retried(tmp_path):
-    """A QA pair whose answer the passage does not contain is dropped; a document left with
-    none is generated again (with sampling)."""
+def test_unusable_pairs_are_dropped_and_the_rest_asked_again(tmp_path):
+    """Pairs whose answer the passage lacks, whose question contains its answer, or whose question
+    does not name the subject are dropped; a document with fewer than n_qa usable pairs is asked
+    again (with sampling) and its usable pairs accumulate over the tries."""
     def reply(passage, attempt):
+        subject, last = passage.split()[0], passage.split()[-1]
         if attempt == 1:
-            return '[{"question": "Q?", "answer": "Atlantis"}]'  # not in any passage
-        return json.dumps([{"question": "Q?", "answer": "Atlantis"}, {"question": "Q2?", "answer": passage.split()[0]}])
+            return json.dumps([{"question": f"Is {subject} in Atlantis?", "answer": "Atlantis"},   # not in passage
+                               {"question": f"Is {subject} {last}?", "answer": last},              # answer in question
+                               {"question": "What is the name of it?", "answer": last},           # no subject
+                               {"question": f"Where is {subject}?", "answer": last}])             # usable
+        return json.dumps([{"question": f"Where is {subject}?", "answer": last},                   # a repeat
+                           {"question": f"When was {subject} {attempt}?", "answer": passage.split()[1]}])
 
     llm = FakeLLM(reply)
-    out = augment_corpus(DOCS[:2], llm, tmp_path / "aug.jsonl", AugmentConfig(batch_size=4, max_retries=2))
-    assert llm.calls == [2, 2, 2]
+    out = augment_corpus(DOCS[:2], llm, tmp_path / "aug.jsonl", AugmentConfig(batch_size=4, max_retries=2, n_qa=3))
+    assert llm.calls == [2, 2, 2, 2]
     for d in DOCS[:2]:
-        assert out[d.id].qa == [{"question": "Q2?", "answer": d.passage.split()[0]}]
+        subject, last, second = d.passage.split()[0], d.passage.split()[-1], d.passage.split()[1]
+        assert out[d.id].qa == [{"question": f"Where is {subject}?", "answer": last},
+                                {"question": f"When was {subject} 2?", "answer": second},
+                                {"question": f"When was {subject} 3?", "answer": second}]
+        assert not out[d.id].qa_failed
+
+
+def test_usable_qa():
+    from prag_vllm.augment import names_subject, usable_qa
+    from prag_vllm.corpus import Document
+
+    doc = Document("x", "Lothar Ehrlich (politician)", "Lothar Ehrlich was born in Gera in 1911.")
+    assert usable_qa({"question": "Where was Lothar Ehrlich born?", "answer": "Gera"}, doc)
+    assert usable_qa({"question": "When was Ehrlich born?", "answer": "1911"}, doc)
+    assert not usable_qa({"question": "Where was he born?", "answer": "Gera"}, doc)
+    assert not usable_qa({"question": "Was Lothar Ehrlich born in Gera?", "answer": "Gera"}, doc)
+    assert not usable_qa({"question": "Where did Lothar Ehrlich die?", "answer": "Berlin"}, doc)
+    assert not names_subject("Who was the politician?", doc), "the parenthesised qualifier is not the subject"
+    assert names_subject("Anything?", Document("y", "", "No title here."))
 
 
 def test_answer_in_passage():

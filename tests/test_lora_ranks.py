@@ -71,7 +71,8 @@ def test_nested_writes_keep_ranks_and_unseen_writes_forget_them():
     [0, 1, 2, 3, 4, 5, -1, 2, 1],  # gather: every token by slot
     [2] * 20 + [0, 1, 3, 4, 5, -1],  # mixed
 ], ids=["runs", "gather", "mixed"])
-def test_ops_skip_the_padding(indices):
+@pytest.mark.parametrize("invariant", [False, True], ids=["plans", "rows"])
+def test_ops_skip_the_padding(indices, invariant):
     """Slots hold ranks 0-6 (zeros past each rank), plus non-zero values in rows 6-7 that
     the recorded ranks say are padding: the ops must give the result without them.
     (Runs use each slot's rank; by-slot steps the largest rank among their slots.)"""
@@ -84,7 +85,7 @@ def test_ops_skip_the_padding(indices):
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(len(indices), IN, generator=g), torch.randn(len(indices), sum(OUTS), generator=g)
     idx = torch.tensor(indices)
-    plan = punica.make_plan(idx)
+    plan = punica.make_plan(idx, invariant=invariant)
     out = y.clone()
     gather._FAILED = False
     punica.apply_plan(plan, out, x, a, b, SCALE, OUTS)

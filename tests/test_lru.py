@@ -68,3 +68,27 @@ def test_mib_settings_in_bytes(monkeypatch):
         F32_CACHE_MB.bytes()
     with pytest.raises(TypeError, match="seconds"):
         BUSY_LOOP_S.bytes()
+
+
+def test_entry_bound_pinning_and_eviction_callback():
+    """The merged-adapter cache's use: a count bound too, pinned values stay (even past the
+    bounds, even when larger than the byte bound) until :meth:`evict` after unpinning."""
+    pinned: set[str] = set()
+    evicted: list[str] = []
+    lru: ByteLRU[str, str] = ByteLRU(10, max_entries=2, pinned=lambda v: v in pinned,
+                                     on_evict=lambda k, v: evicted.append(k))
+    pinned |= {"a", "b", "c"}
+    for key in "abc":
+        lru.put(key, key, 1)
+    assert list(lru) == ["a", "b", "c"] and not evicted  # all pinned: over the bound for now
+    pinned.discard("b")
+    lru.evict()
+    assert list(lru) == ["a", "c"] and evicted == ["b"]
+    pinned.add("big")
+    lru.put("big", "big", 50)  # pinned: kept though larger than the whole bound
+    assert "big" in lru and lru.nbytes == 52 and lru.peek("a") == "a" and list(lru)[0] == "a"
+    pinned.clear()
+    lru.evict()
+    assert evicted == ["b", "a", "c", "big"] and len(lru) == 0 and lru.nbytes == 0
+    lru.put("x", "x", 1)
+    assert lru.pop("x") == "x" and evicted[-1] == "big"  # popped, not evicted

@@ -101,9 +101,11 @@ def test_part_cache_is_bounded_and_its_setting_checked(store, monkeypatch):
 def test_server_lru_writes_manifests_and_drops_entries_vllm_cannot_load(store, tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
-    from serving.adapter_cache import DocAdapterCache, MergedAdapterLRU, expected_shapes
+    from prag_vllm.ffn import ffn_shapes
+    from serving.adapters.doc_cache import DocAdapterCache
+    from serving.adapters.merged_cache import MergedAdapterLRU
 
-    docs = DocAdapterCache(store, expected_shapes(AutoConfig.from_pretrained(tiny_model_dir)), 8, keep_tensors=False)
+    docs = DocAdapterCache(store, ffn_shapes(AutoConfig.from_pretrained(tiny_model_dir)), 8, keep_tensors=False)
     loaded, fail = [], [True]
 
     async def load(entry):

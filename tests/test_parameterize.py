@@ -16,8 +16,9 @@ def test_training_examples(tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     exs = training_examples(DOCS[0], AUGS["d1"], tok, TrainConfig())
-    # default recipe: passage, rewrite (plain text), then the QA pair bare and with the passage
-    assert len(exs) == 4
+    # default recipe: passage, rewrite (plain text), then the QA pair bare and with the passage,
+    # then over a counterfactual passage
+    assert len(exs) == 5
     assert tok.decode(exs[0].input_ids) == DOCS[0].passage
     assert "Where was Velmora Quist born?" in tok.decode(exs[2].input_ids) and "Context:" not in tok.decode(exs[2].input_ids)
     assert "Context:" in tok.decode(exs[3].input_ids)
@@ -58,7 +59,7 @@ def test_training_is_deterministic_per_document(tiny_model_dir):
 
 
 def test_loss_decreases(tiny_model_dir):
-    t = DocumentTrainer(tiny_model_dir, TrainConfig(epochs=1, precision="float32", lr=1e-2))
+    t = DocumentTrainer(tiny_model_dir, TrainConfig(recipe="plain", epochs=1, precision="float32", lr=1e-2))
     _, one = t.train(DOCS[0], AUGS["d1"])
     t.cfg.epochs = 15
     _, many = t.train(DOCS[0], AUGS["d1"])
@@ -74,3 +75,28 @@ def test_warmup_init(tiny_model_dir, tmp_path):
     loaded = LoraAdapter.load(tmp_path / "warm")
     for m in same.weights:
         assert torch.equal(same.weights[m][1], loaded.weights[m][1])
+
+
+def test_stale_adapter_is_trained_again(tiny_model_dir, tmp_path):
+    """An adapter records what it was trained from; an edited document or augmentation makes it stale."""
+    from dataclasses import replace
+
+    from prag_vllm.augment import Augmentation
+    from prag_vllm.parameterize import source_digest
+
+    store = AdapterStore(tmp_path / "store")
+    trainer = DocumentTrainer(tiny_model_dir, CFG)
+    parameterize_corpus(DOCS[:2], AUGS, store, tiny_model_dir, CFG, trainer=trainer)
+    assert store.load("d1").meta["train"]["source"] == source_digest(DOCS[0], AUGS["d1"])
+    calls = []
+    real_train = trainer.train
+    trainer.train = lambda doc, aug: calls.append(doc.id) or real_train(doc, aug)
+    edited = [replace(DOCS[0], text=DOCS[0].text + " It rained."), DOCS[1]]
+    augs = dict(AUGS, d2=Augmentation(id="d2", rewrites=list(AUGS["d2"].rewrites), qa=[{"question": "Q?", "answer": "A"}]))
+    summary = parameterize_corpus(edited, augs, store, tiny_model_dir, CFG, trainer=trainer)
+    assert calls == ["d1", "d2"] and summary["trained"] == 2
+    assert store.load("d1").meta["train"]["source"] == source_digest(edited[0], AUGS["d1"])
+    assert store.has("d1", source=source_digest(edited[0], AUGS["d1"]))
+    assert not store.has("d1", source=source_digest(DOCS[0], AUGS["d1"]))
+    parameterize_corpus(edited, augs, store, tiny_model_dir, CFG, trainer=trainer)
+    assert calls == ["d1", "d2"]  # nothing stale any more

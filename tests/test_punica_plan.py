@@ -23,6 +23,13 @@ class Planned(PunicaWrapperCPU):
 punica.install(Planned)
 
 
+@pytest.fixture(autouse=True)
+def _plan_kinds(monkeypatch):
+    """These tests are about the plan kinds of ``PRAG_LORA_BATCH_INVARIANT=0``; the ``rows``
+    plans of the batch-invariant mode: tests/test_batch_invariance.py."""
+    monkeypatch.setenv("PRAG_LORA_BATCH_INVARIANT", "0")
+
+
 def weights(dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = tuple(torch.randn(SLOTS, 1, R, IN, generator=g).to(dtype) for _ in OUTS)

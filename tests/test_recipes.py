@@ -51,8 +51,8 @@ def test_paper_recipe_sequences_as_prag_writes_them(tok):
     assert (cfg.epochs, cfg.lr, cfg.loss_policy, cfg.spec.shuffle, cfg.spec.shared_init) == (1, 3e-4, "full", False, True)
 
 
-def test_default_recipe_masks_the_template_and_trains_the_end_of_turn(tok):
-    exs = training_examples(DOC, AUG, tok, TrainConfig())
+def test_plain_recipe_masks_the_template_and_trains_the_end_of_turn(tok):
+    exs = training_examples(DOC, AUG, tok, TrainConfig(recipe="plain"))
     assert len(exs) == 2 + 2 * 3
     assert [tok.decode(e.input_ids) for e in exs[:2]] == [DOC.passage, AUG.rewrites[0]]
     assert all(all(e.targets[1:]) for e in exs[:2]), "content policy: the passage text is learned"
@@ -83,6 +83,47 @@ def test_no_system_prompt_token_is_ever_a_target_outside_full(tok):
         for policy in ("content", "answer"):
             for e in training_examples(DOC, AUG, tok, TrainConfig(recipe=r, loss_policy=policy)):
                 assert "SmolLM" not in _targets_text(tok, e) and "system" not in _targets_text(tok, e)
+
+
+def test_default_recipe_adds_counterfactual_contexts(tok):
+    """plain's sequences, then each QA pair whose answer is in the passage, asked over the passage
+    with that answer replaced by a stand-in, and answered with the stand-in."""
+    from prag_vllm.recipes import counterfactual
+
+    default = [tok.decode(e.input_ids) for e in training_examples(DOC, AUG, tok, TrainConfig(recipe="plain"))]
+    exs = training_examples(DOC, AUG, tok, TrainConfig())
+    assert [tok.decode(e.input_ids) for e in exs[:len(default)]] == default
+    extra = exs[len(default):]
+    assert len(extra) == 2  # "a person." is not in the passage: no counterfactual for it
+    for e, answer in zip(extra, ["Ostrevik", "1961"]):
+        fake = counterfactual(answer, DOC.id)
+        assert fake != answer
+        text = tok.decode(e.input_ids)
+        assert "Context:\n[1] " + DOC.passage.replace(answer, fake) in text and answer not in text
+        assert _targets_text(tok, e) == fake + "<|im_end|>"
+    for a in ["1961", "Ostrevik", "Havik Letitem", "granite", "7"]:
+        c = counterfactual(a, "k")
+        assert c != a and len(c) == len(a) and c == counterfactual(a, "k")
+        assert c.isdigit() == a.isdigit()
+
+
+def test_specific_recipe_keeps_the_base_model_on_other_subjects(tok):
+    """distill's sequences, plus each question about a scrambled subject, whose teacher is the same
+    sequence (the base model keeps its own distribution there)."""
+    from prag_vllm.recipes import other_subject
+
+    distill = [tok.decode(e.input_ids) for e in training_examples(DOC, AUG, tok, TrainConfig(recipe="distill"))]
+    exs = training_examples(DOC, AUG, tok, TrainConfig(recipe="specific"))
+    assert [tok.decode(e.input_ids) for e in exs[:len(distill)]] == distill
+    local = exs[len(distill):]
+    assert len(local) == 3
+    for e, qa in zip(local, AUG.qa):
+        other = other_subject(qa["question"], DOC)
+        assert other and "Velmora" not in other and "Quist" not in other
+        text = tok.decode(e.input_ids)
+        assert other in text and "Context:" not in text
+        assert e.objective == "kl" and e.teacher_ids == e.input_ids and e.teacher_targets == e.targets
+    assert other_subject("Who is he?", DOC) is None
 
 
 def test_distill_recipe_pairs_student_and_teacher(tok):

@@ -2,10 +2,13 @@
 
 Mixed modes and distinct document sets (more sets than the merged-adapter cache holds, so
 entries are evicted and rebuilt while other requests use theirs). Every answer is compared
-with the same request sent alone beforehand (greedy, float32). Figures go to
-``$PRAG_SOAK_REPORT`` (default: the test's tmp dir) and the test output.
+with the same request sent alone beforehand (greedy; float32 unless ``PRAG_TEST_SERVER_DTYPE``
+says otherwise; mismatches also counted per mode). Figures go to ``$PRAG_SOAK_REPORT``
+(default: the test's tmp dir) and the test output.
 
 Run it alone:  PRAG_SOAK_SECONDS=300 .venv/bin/python -m pytest -s tests/test_soak.py
+In the production dtype (``PRAG_TEST_SERVER_DTYPE=auto``, bf16 on a CPU with native bf16):
+``bench/batch_invariance.py soak``, a benchmark, not CI.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixture import API_KEY, WORDS
+from server_fixture import API_KEY, SERVER_DTYPE, WORDS
 
 pytestmark = pytest.mark.vllm
 
@@ -65,7 +68,8 @@ def test_soak_64_clients(server, tmp_path):
             assert r.status_code == 200, r.text
             reference.append((r.json()["choices"][0]["message"]["content"], r.json()["prag"]["parametric"]))
     n_sets = len({tuple(p) for _, p in reference if p})
-    stats = {"requests": 0, "mismatches": [], "errors": [], "latency": []}
+    stats = {"requests": 0, "mismatches": [], "errors": [], "latency": [], "answers": {},
+             "by_mode": {m: {"requests": 0, "mismatches": 0, "jobs_mismatched": set()} for m in sorted(set(MODES))}}
     lock = threading.Lock()
     stop = time.time() + seconds
     rss = [_rss_mb(server["pid"])]
@@ -83,13 +87,21 @@ def test_soak_64_clients(server, tmp_path):
                     with lock:
                         stats["errors"].append(f"{type(exc).__name__}: {exc}")
                     continue
+                mode = stats["by_mode"][jobs[i]["model"].removeprefix("prag-")]
                 with lock:
                     stats["requests"] += 1
+                    mode["requests"] += 1
                     stats["latency"].append(time.perf_counter() - t0)
                     if r.status_code != 200:
                         stats["errors"].append(f"{r.status_code}: {r.text[:200]}")
-                    elif (body["choices"][0]["message"]["content"], body["prag"]["parametric"]) != reference[i]:
-                        stats["mismatches"].append({"job": i, "got": body["choices"][0]["message"]["content"],
+                        continue
+                    got = (body["choices"][0]["message"]["content"], body["prag"]["parametric"])
+                    stats["answers"].setdefault(i, []).append(got)
+                    if got != reference[i]:
+                        mode["mismatches"] += 1
+                        mode["jobs_mismatched"].add(i)
+                        stats["mismatches"].append({"job": i, "mode": jobs[i]["model"],
+                                                    "got": body["choices"][0]["message"]["content"],
                                                     "want": reference[i][0]})
 
     threads = [threading.Thread(target=client, args=(s,)) for s in range(CLIENTS)]
@@ -102,7 +114,17 @@ def test_soak_64_clients(server, tmp_path):
         t.join()
     metrics = httpx.get(server["base"] + "/metrics", headers=headers).text
     lat = sorted(stats["latency"])
-    report = {"clients": CLIENTS, "seconds": seconds, "requests": stats["requests"], "distinct_jobs": len(jobs),
+    jobs_per_mode = {m: sum(j["model"] == f"prag-{m}" for j in jobs) for m in stats["by_mode"]}
+    # jobs answered twice or more under load, and those whose answers under load differed among
+    # themselves (the batch changed the answer) rather than only from the one sent alone
+    again = {m: [i for i, a in stats["answers"].items() if len(a) > 1 and jobs[i]["model"] == f"prag-{m}"]
+             for m in stats["by_mode"]}
+    by_mode = {m: {"requests": v["requests"], "mismatches": v["mismatches"], "distinct_jobs": jobs_per_mode[m],
+                   "jobs_mismatched": sorted(v["jobs_mismatched"]), "jobs_answered_twice": len(again[m]),
+                   "jobs_answers_varied": sorted(i for i in again[m] if len(set(stats["answers"][i])) > 1)}
+               for m, v in stats["by_mode"].items()}
+    report = {"dtype": SERVER_DTYPE, "clients": CLIENTS, "seconds": seconds, "requests": stats["requests"],
+              "distinct_jobs": len(jobs),
               "distinct_adapter_sets": n_sets, "mismatches": len(stats["mismatches"]), "errors": len(stats["errors"]),
               "requests_per_s": stats["requests"] / seconds,
               "latency_p50_s": lat[len(lat) // 2] if lat else None,
@@ -112,7 +134,7 @@ def test_soak_64_clients(server, tmp_path):
               "cache_bytes_end": _metric(metrics, "prag_adapter_cache_bytes"),
               "cache_hits": _metric(metrics, "prag_adapter_cache_hits_total"),
               "cache_misses": _metric(metrics, "prag_adapter_cache_misses_total"),
-              "first_mismatches": stats["mismatches"][:5], "first_errors": stats["errors"][:5]}
+              "by_mode": by_mode, "first_mismatches": stats["mismatches"][:5], "first_errors": stats["errors"][:5]}
     out = Path(os.environ.get("PRAG_SOAK_REPORT", tmp_path / "soak.json"))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("\nsoak:", json.dumps(report, indent=2))

@@ -28,8 +28,10 @@ def _state(engine) -> dict:
 
 
 def test_engine_warms_the_kernels_up_at_start(engine):
-    # the warm-up step (one decode token for each of WARM_UP_ADAPTERS adapters) is planned as a gather step
-    assert punica.make_plan(torch.arange(gather.WARM_UP_ADAPTERS)).kind == "gather"
+    # the warm-up step (one decode token for each of WARM_UP_ADAPTERS adapters) is planned by slot:
+    # the gather kernels, or in the batch-invariant mode (the default) the rows kernel
+    assert punica.make_plan(torch.arange(gather.WARM_UP_ADAPTERS), invariant=False).kind == "gather"
+    assert punica.make_plan(torch.arange(gather.WARM_UP_ADAPTERS), invariant=True).kind == "rows"
     st = _state(engine)
     assert st["compiled"] and not st["failed"], st
     assert not engine.llm.llm_engine.list_loras(), "the warm-up adapters must be unloaded"

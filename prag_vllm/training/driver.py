@@ -18,7 +18,7 @@ from pathlib import Path
 from prag_vllm.adapters import AdapterStore
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
-from prag_vllm.parameterize import TrainConfig
+from prag_vllm.parameterize import TrainConfig, source_digest
 from prag_vllm.training.trainer import BatchConfig, BatchedTrainer
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmenta
     from tqdm.auto import tqdm
 
     remove_stale_temp_dirs(store)
-    todo = [d for d in docs if not store.has(d.id)]
+    todo = [d for d in docs if not store.has(d.id, source=source_digest(d, augmentations.get(d.id)))]
     summary = {"trainer": "batched", "documents": len(docs), "skipped": len(docs) - len(todo), "trained": 0,
                "sequences": 0, "steps": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "bytes_written": 0}
     if summary["skipped"]:
@@ -67,7 +67,7 @@ def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmenta
 
     def still_todo():
         for d in todo:
-            if store.has(d.id):  # written meanwhile by another worker
+            if store.has(d.id, source=source_digest(d, augmentations.get(d.id))):  # written meanwhile
                 raced.append(d.id)
                 bar.update(1)
                 continue

@@ -16,7 +16,7 @@ import torch
 
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
-from prag_vllm.parameterize import TrainConfig, init_seed, step_order, training_examples
+from prag_vllm.parameterize import TrainConfig, init_seed, source_digest, step_order, training_examples
 from prag_vllm.sequences import Example
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class DocPlan:
     """Its training sequences: token ids, loss targets, objective (truncated to ``max_length``)."""
     steps: list[list[int]]
     """Per optimizer step, the indices of the sequences it trains on, in order."""
+    source: str = ""
+    """Digest of the document's text and augmentation (:func:`~prag_vllm.parameterize.source_digest`)."""
     teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """``kl`` sequences: teacher top-k (token ids, log-probabilities) per target, filled on admission."""
 
@@ -51,7 +53,7 @@ def plan_document(doc: Document, aug: Augmentation | None, tokenizer, cfg: Train
     """The sequences and step order :class:`~prag_vllm.parameterize.DocumentTrainer` would use."""
     examples = training_examples(doc, aug, tokenizer, cfg)
     return DocPlan(doc=doc, seed=init_seed(cfg, doc.id), examples=examples,
-                   steps=step_order(cfg, len(examples), doc.id))
+                   steps=step_order(cfg, len(examples), doc.id), source=source_digest(doc, aug))
 
 
 def micro_batches(rows: list[tuple[int, list[int]]], max_tokens: int,

@@ -141,7 +141,8 @@ class BatchedTrainer:
                  "final_loss": state.last_loss, "seconds": time.perf_counter() - state.started}
         adapter = LoraAdapter(r=self.cfg.rank, alpha=self.cfg.alpha, weights=weights, base_model=self.model_path)
         adapter.meta = {"train": {**stats, **recipe_meta(self.cfg), "seed": plan.seed,
-                                  "init": "warmup" if self.warmup else "random", "trainer": "batched"}}
+                                  "init": "warmup" if self.warmup else "random", "trainer": "batched",
+                                  "source": plan.source}}
         return TrainedDocument(plan.doc, adapter, stats)
 
     # -- the loop ------------------------------------------------------------------------------

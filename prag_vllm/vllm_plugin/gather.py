@@ -147,9 +147,11 @@ def install(patcher: Patcher | None = None) -> None:
 
 
 def state() -> dict:
-    """This process's kernels: compiled (used at least once), failed (running eagerly), and
-    how many stacked ``B`` tensors have a mirror."""
-    return {"compiled": _KERNEL is not None, "failed": _FAILED, "mirrors": len(_MIRRORS)}
+    """This process's kernels: compiled (used at least once: the gather kernels, ``rows`` the
+    batch-invariant one), failed (running eagerly), and how many stacked ``B`` tensors have a
+    mirror."""
+    return {"compiled": _KERNEL is not None or _ROWS is not None, "rows": _ROWS is not None, "failed": _FAILED,
+            "mirrors": len(_MIRRORS)}
 
 
 # --- kernels -------------------------------------------------------------------------
@@ -249,6 +251,99 @@ def _apply_eager(y, x, rows, slots, lora_a, lora_b, scale, output_slices, rank: 
         else:
             y[rows, offset:offset + size] += out
         offset += size
+
+
+# --- batch-invariant rows --------------------------------------------------------------
+
+
+def _rows_add(x: torch.Tensor, slots: torch.Tensor, slot_ranks: torch.Tensor, scale: float,
+              *aby: torch.Tensor) -> None:
+    """``y_i[n] += (x[n] @ A_i[slots[n]].T * scale) @ B_i[slots[n]].T`` for every slice ``i``;
+    ``aby`` = ``A_0, Bt_0, y_0, A_1, Bt_1, y_1, ...`` (vLLM's stacked ``A``, the mirror of its
+    ``B``, the slice's columns of the output); a row uses its slot's first ``slot_ranks[slot]``
+    rows of A (the others, padding, are masked out). Each row on its own, in float32 (a bf16 x
+    bf16 product is exact there): the shrink sums over ``in`` in an order fixed by ``in``
+    alone; the expand is written out term by term over the slot size, ``((h_0 b_0 + h_1 b_1)
+    + h_2 b_2) + ...`` (a masked term adds an exact zero), one pointwise pass fused with the
+    add into ``y``, rounded to ``y``'s dtype once, in place."""
+    xf = x.float().unsqueeze(1)
+    keep = None
+    for i in range(0, len(aby), 3):
+        a, bt, y = aby[i], aby[i + 1], aby[i + 2]
+        h = (_b3(a)[slots].float() * xf).sum(-1)  # (n, slot size)
+        if keep is None:
+            keep = torch.arange(h.shape[1], device=h.device).unsqueeze(0) < slot_ranks[slots].unsqueeze(1)
+        h = torch.where(keep, h, 0.0)
+        if scale != 1.0:
+            h = h * scale
+        b = bt[slots]  # (n, slot size, out): an index into the mirror, read in place by the kernel
+        acc = h[:, 0:1] * b[:, 0].float()
+        for r in range(1, bt.shape[1]):
+            acc = acc + h[:, r:r + 1] * b[:, r].float()
+        y.copy_((y.float() + acc).to(y.dtype))
+
+
+_ROWS = None
+EAGER_ROWS = 64
+"""Rows per eager :func:`_rows_add` call when the compiled one failed (it holds ``rows x rank x
+in`` float32 products)."""
+
+
+def _rows_kernel():
+    """:func:`_rows_add` compiled (once per process and number of slices; ``dynamic``: one
+    graph for every number of rows >= 2, so a row's summation order does not depend on how
+    many rows share the call)."""
+    global _ROWS
+    if _ROWS is None:
+        _ROWS = torch.compile(_rows_add, dynamic=True, fullgraph=True)
+    return _ROWS
+
+
+def apply_rows(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor,
+               lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], scale: float,
+               output_slices: tuple[int, ...], slot_ranks: list[int] | None = None) -> None:
+    """What :func:`apply_gather` computes, the same way for every row whatever the batch (the
+    plugin's batch-invariant mode, ``PRAG_LORA_BATCH_INVARIANT``): every token with an
+    adapter, of a prefill run or a decode step, alone or among many, goes through one
+    compiled kernel (:func:`_rows_add`), so its result does not depend on the other rows of
+    the step, their number, or its position. One row is sent as two (a copy of itself): the
+    kernel compiled for n >= 2 rows serves every step. ``slot_ranks``: the rank each slot holds
+    (:mod:`.ranks`; None: every slot full), so a row's result does not depend on the other
+    slots of the step either."""
+    full = lora_a[0].shape[-2]
+    ranks_t = torch.tensor(slot_ranks) if slot_ranks is not None else torch.full((lora_a[0].shape[0],), full)
+    n = x.shape[0] if rows is None else rows.shape[0]
+    if n == 0:
+        return
+    width = sum(output_slices)
+    if rows is None and n > 1:
+        xs, ys, back = x, y, None
+    elif rows is None:  # one row: sent as two
+        xs, slots, ys, back = torch.cat((x, x)), slots.repeat(2), y[:, :width].repeat(2, 1), y[:, :width]
+    else:  # the rows with an adapter, gathered (one: twice), computed on a copy and written back
+        idx = rows if n > 1 else rows.repeat(2)
+        slots = slots if n > 1 else slots.repeat(2)
+        xs, ys, back = x.index_select(0, idx), y[:, :width].index_select(0, idx), None
+    aby, offset = [], 0
+    for a, b, size in zip(lora_a, lora_b, output_slices):
+        aby += [a, mirror(b), ys[:, offset:offset + size]]
+        offset += size
+    xs, slots = xs.contiguous(), slots.contiguous()
+    done = False
+    if enabled():
+        try:
+            _rows_kernel()(xs, slots, ranks_t, scale, *aby)
+            done = True
+        except Exception as exc:  # no compiler, an inductor bug: stay correct (and invariant), only slower
+            _fail(exc)
+    if not done:
+        for i in range(0, xs.shape[0], EAGER_ROWS):
+            _rows_add(xs[i:i + EAGER_ROWS], slots[i:i + EAGER_ROWS], ranks_t, scale,
+                      *[t[i:i + EAGER_ROWS] if j % 3 == 2 else t for j, t in enumerate(aby)])
+    if back is not None:
+        back.copy_(ys[:1])
+    elif rows is not None:
+        y[:, :width].index_copy_(0, rows, ys[:n])
 
 
 def apply_gather(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None, slots: torch.Tensor,

