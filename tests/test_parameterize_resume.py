@@ -50,7 +50,9 @@ def test_kill_9_then_resume(tiny_model_dir, tmp_path):
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             found = list(work.glob("adapters/*/*/docs")) if work.exists() else []
-            if found and sum(1 for p in found[0].glob(f"*/{META_FILE}")) >= 5:
+            # visible adapters only: pathlib's "*" also matches the hidden temporary directories
+            if found and sum(1 for p in found[0].iterdir()
+                             if not p.name.startswith(".") and (p / META_FILE).is_file()) >= 5:
                 docs_dir = found[0]
                 break
             time.sleep(0.02)

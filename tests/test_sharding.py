@@ -34,9 +34,12 @@ def test_sharded_augment_logs_merge(tmp_path):
 
     class Fake:
         def chat(self, conversations, *, max_tokens, temperature=0.0, seed=None):
-            return ["Rewritten." if c[-1]["content"].startswith("Rewrite") else  # an answer from the passage
-                    json.dumps([{"question": "Q?", "answer": c[-1]["content"].split("Passage:\n")[1].split()[0]}])
-                    for c in conversations]
+            # a usable pair (augment.usable_qa): the question names the subject (the passage's first
+            # word, its title's), the answer is the passage's last word
+            passages = [c[-1]["content"].split("Passage:\n")[1].split() for c in conversations]
+            return ["Rewritten." if c[-1]["content"].startswith("Rewrite") else
+                    json.dumps([{"question": f"Where is {w[0]}?", "answer": w[-1]}])
+                    for c, w in zip(conversations, passages)]
 
     corpus = tmp_path / "corpus.jsonl"
     save_corpus_jsonl(DOCS, corpus)

@@ -121,7 +121,8 @@ def test_soak_64_clients(server, tmp_path):
              for m in stats["by_mode"]}
     by_mode = {m: {"requests": v["requests"], "mismatches": v["mismatches"], "distinct_jobs": jobs_per_mode[m],
                    "jobs_mismatched": sorted(v["jobs_mismatched"]), "jobs_answered_twice": len(again[m]),
-                   "jobs_answers_varied": sorted(i for i in again[m] if len(set(stats["answers"][i])) > 1)}
+                   "jobs_answers_varied": sorted(i for i in again[m]
+                                                 if len({json.dumps(a) for a in stats["answers"][i]}) > 1)}
                for m, v in stats["by_mode"].items()}
     report = {"dtype": SERVER_DTYPE, "clients": CLIENTS, "seconds": seconds, "requests": stats["requests"],
               "distinct_jobs": len(jobs),
