@@ -117,15 +117,21 @@ def answer_in_passage(answer: str, passage: str) -> bool:
     return bool(ans) and f" {ans} " in f" {normalize_answer(passage)} "
 
 
+def title_words(title: str) -> list[str]:
+    """The words that name a document's subject: its title's words of three or more characters,
+    a parenthesised qualifier ("(film)") left out, as written."""
+    return [w for w in re.sub(r"\([^)]*\)", " ", title).split() if len(w) >= 3]
+
+
 def names_subject(question: str, doc: Document) -> bool:
-    """True if the question names the document's subject: one of the title's words (three or more
-    letters, a parenthesised qualifier left out) occurs in it. Untitled documents always pass.
-    A question that names nothing ("What is the name of the book?") teaches an adapter to give
-    its one answer to any question."""
+    """True if the question names the document's subject: one of its :func:`title_words`
+    occurs in it (compared normalized). Untitled documents always pass. A question that names
+    nothing ("What is the name of the book?") teaches an adapter to give its one answer to any
+    question."""
     from prag_vllm.metrics import normalize_answer
 
-    words = [w for w in normalize_answer(re.sub(r"\([^)]*\)", " ", doc.title)).split() if len(w) >= 3]
-    return not words or bool(set(words) & set(normalize_answer(question).split()))
+    words = {n for n in (normalize_answer(w) for w in title_words(doc.title)) if len(n) >= 3}
+    return not words or bool(words & set(normalize_answer(question).split()))
 
 
 def usable_qa(pair: dict, doc: Document) -> bool:

@@ -23,7 +23,6 @@ from prag_vllm.cliargs import (
     model_path,
     modes,
     positive,
-    start_engine,
     top_k,
 )
 from prag_vllm.errors import InputError, PragError
@@ -57,9 +56,11 @@ def cmd_index(args) -> int:
 
 
 def cmd_augment(args) -> int:
-    from prag_vllm.offline_commands import run_augment
+    from prag_vllm.executors import executor_config_from_args
+    from prag_vllm.offline_commands import executor_engine, run_augment
 
-    return run_augment(args, lambda: start_engine(engine_config(args, enable_lora=False)))
+    executor = executor_config_from_args(args)  # checked before any work
+    return run_augment(args, lambda: executor_engine(executor, engine_config(args, enable_lora=False)))
 
 
 def cmd_parameterize(args) -> int:
@@ -86,13 +87,15 @@ def cmd_merge(args) -> int:
 def cmd_answer(args) -> int:
     from prag_vllm.augment import load_augmentations
     from prag_vllm.corpus import load_corpus
-    from prag_vllm.offline_commands import train_config_from_args
+    from prag_vllm.executors import executor_config_from_args
+    from prag_vllm.offline_commands import executor_engine, train_config_from_args
     from prag_vllm.pipeline import ParametricRAG, format_table, load_questions, summarize
     from prag_vllm.retrieve.factory import retriever_from_args
 
+    executor = executor_config_from_args(args)
     questions = load_questions(args.questions)
     retriever = retriever_from_args(args, load_corpus(args.corpus), args.ws.index_dir)
-    with start_engine(engine_config(args)) as engine:
+    with executor_engine(executor, engine_config(args)) as engine:
         store = args.ws.store(model_path(args), train_config_from_args(args) if args.recipe else None)
         rag = ParametricRAG(retriever, store, engine,
                             load_augmentations(args.ws.augmented), default_k=args.top_k)
@@ -124,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``prag`` parser: every subcommand, its flags and handler (``func``)."""
     from prag_vllm.benchdata.cli import add_parser as add_bench_data_command
     from prag_vllm.evaluation.cli import add_eval_command
+    from prag_vllm.executors import add_executor_arguments
     from prag_vllm.offline_commands import add_parameterize_arguments, add_recipe_arguments, add_shard_argument
     from prag_vllm.retrieve.factory import add_retriever_arguments
     from serving.config import add_arguments as add_server_arguments
@@ -152,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=positive, default=32)
     sp.add_argument("--limit", type=positive, default=None, help="only the first N documents")
     add_shard_argument(sp)
+    add_executor_arguments(sp)
     sp = add("parameterize", cmd_parameterize, "train one LoRA per document into the adapter store")
     add_recipe_arguments(sp)
     sp.add_argument("--train-batch-size", type=positive, default=1)
@@ -159,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-augmentation", action="store_true", help="train on the raw passages if not augmented")
     sp.add_argument("--limit", type=positive, default=None, help="only the first N documents")
     add_parameterize_arguments(sp)
+    add_executor_arguments(sp, trains=True)
     sp = add("merge", cmd_merge, "merge per-document adapters into one PEFT adapter", corpus=False)
     sp.add_argument("--doc-id", action="append", required=True)
     sp.add_argument("--store", default=None, help="adapter store (default: the workspace's for --model)")
@@ -172,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=positive, default=64)
     sp.add_argument("--max-tokens", type=positive, default=32)
     add_recipe_arguments(sp)
+    add_executor_arguments(sp)
     sp.set_defaults(recipe=None)  # answer: the workspace's only adapter set unless a recipe is named
     sp = sub.add_parser("serve", help="the OpenAI-compatible server (same flags as `python -m serving`)")
     sp.set_defaults(func=cmd_serve)
@@ -196,7 +203,8 @@ def _log_file(args) -> Path | None:
         from serving.config import config_from_args
 
         args.server_config = config_from_args(args)
-        return Path(args.server_config.work_dir) / logs.LOG_NAME
+        cfg = args.server_config
+        return Path(cfg.log_file) if cfg.log_file else Path(cfg.work_dir) / logs.LOG_NAME
     if args.command == "eval":
         return Path(args.out) / logs.LOG_NAME
     if args.command in ("models", "fetch-model", "bench-data") or getattr(args, "store", None):

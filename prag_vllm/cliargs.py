@@ -36,6 +36,17 @@ def positive(text: str) -> int:
     return value
 
 
+def non_negative(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def top_k(text: str) -> int:
     """argparse type: a valid number of retrieved documents."""
     from prag_vllm.retrieve import check_top_k

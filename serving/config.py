@@ -99,6 +99,9 @@ class ServerConfig:
     """Largest request body accepted; larger gets a 413."""
     log_level: str = "info"
     """Logging level."""
+    log_file: str | None = None
+    """Where ``prag serve`` writes its log; None: ``<work_dir>/prag.log``. Replicas sharing one
+    (read-only) work dir each give their own."""
 
     def validate(self) -> ServerConfig:
         from prag_vllm.modes import get_mode

@@ -2,7 +2,8 @@
 
 :func:`install_error_handlers` answers :class:`~serving.protocol.OpenAIError`, request
 validation (a 400 naming the parameter, not FastAPI's 422), vLLM refusing a request's
-parameters (400), HTTP errors (404, 405, ...) and anything else (500, logged), and counts
+parameters (400), HTTP errors (404, 405, ...), a dead engine (503: retryable, and ``/health``
+says 503 too) and anything else (500, logged), and counts
 each in the service's request metrics.
 """
 
@@ -24,7 +25,8 @@ logger = logging.getLogger(__name__)
 ERROR_RESPONSES: dict[int | str, dict] = {
     status: {"model": ErrorResponse, "description": text} for status, text in (
         (400, "invalid request (the error body says which parameter)"), (401, "missing or wrong API key"),
-        (404, "unknown model"), (413, "request body too large"), (500, "internal server error"))}
+        (404, "unknown model"), (413, "request body too large"), (500, "internal server error"),
+        (503, "the engine is not available (a balancer may retry on another replica)"))}
 """The error answers of the completion routes, as documented in the OpenAPI schema."""
 
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
@@ -101,6 +103,11 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    service = getattr(request.app.state, "service", None)
+    if service is not None and not service.engine.healthy:  # a dead engine: retryable on another replica
+        logger.error("engine unavailable on %s: %s", request.url.path, exc)
+        return error_response(request, error_body(503, "the engine is not available; retry (on another replica)",
+                                                  type="server_error"), 503)
     logger.exception("internal error on %s", request.url.path)
     return error_response(request, error_body(500, "internal server error", type="server_error"), 500)
 

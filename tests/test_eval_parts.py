@@ -207,3 +207,33 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, hotpot_file, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_started_engine_is_stopped_before_training_with_work_to_do(tmp_path, test_model_dir):
+    """``prag eval`` stops the engine it started for augmentation before training (its
+    processes hold GBs the trainer needs); an engine not started, or no training left, stays."""
+    from prag_vllm.adapters import AdapterStore
+    from prag_vllm.evaluation.run import _release_engine
+    from prag_vllm.parameterize import source_digest
+
+    class Engine:
+        def __init__(self, started):
+            self.started, self.closed = started, 0
+
+        def close(self):
+            self.closed += 1
+            self.started = False
+
+    store = AdapterStore(tmp_path / "store")
+    docs = DOCS[:2]
+    for started, expect in ((True, 1), (False, 0)):
+        engine = Engine(started)
+        _release_engine(engine, docs, AUGS, store)
+        assert engine.closed == expect
+    for i, d in enumerate(docs):
+        adapter = random_adapter(test_model_dir, seed=i)
+        adapter.meta = {"train": {"source": source_digest(d, AUGS.get(d.id))}}
+        store.save(d.id, adapter)
+    engine = Engine(True)
+    _release_engine(engine, docs, AUGS, store)
+    assert engine.closed == 0, "nothing left to train: the engine stays for the answers"

@@ -123,13 +123,17 @@ class _StubService:
         return [1, 2, 3]
 
 
-def _answer(error: Exception) -> httpx.Response:
+def _answer(error: Exception, healthy: bool = True) -> httpx.Response:
     from fastapi.testclient import TestClient
 
     from serving.app import create_app
 
-    with TestClient(create_app(_StubService(error)), raise_server_exceptions=False) as client:
-        return client.post(CMPL, json={"model": "prag-closed-book", "prompt": "x", "max_tokens": 2})
+    service = _StubService(error)
+    service.engine.healthy = healthy
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        r = client.post(CMPL, json={"model": "prag-closed-book", "prompt": "x", "max_tokens": 2})
+        r.health = client.get("/health").status_code
+        return r
 
 
 def test_a_vllm_validation_error_is_a_400():
@@ -145,3 +149,13 @@ def test_any_other_error_stays_a_500(error):
     r = _answer(error)
     assert r.status_code == 500 and r.json()["error"] == {"message": "internal server error", "type": "server_error",
                                                           "param": None, "code": None}
+
+
+def test_an_error_from_a_dead_engine_is_a_503():
+    """Behind a balancer (deploy/haproxy.cfg: retry-on 503) a request that met a dead engine is
+    replayed on another replica; /health says 503 as well, so the replica is taken out."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    r = _answer(EngineDeadError(), healthy=False)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", r.text
+    assert r.health == 503

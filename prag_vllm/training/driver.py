@@ -49,12 +49,15 @@ def remove_stale_temp_dirs(store: AdapterStore, older_than_s: float = STALE_TEMP
 
 def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmentation], store: AdapterStore,
                          model_path: str | os.PathLike, cfg: TrainConfig | None = None,
-                         batch: BatchConfig | None = None, trainer: BatchedTrainer | None = None) -> dict:
-    """Train and store an adapter for every document that has none yet (resumable); returns a summary."""
+                         batch: BatchConfig | None = None, trainer: BatchedTrainer | None = None,
+                         progress: bool = True) -> dict:
+    """Train and store an adapter for every document that has none yet (resumable); returns a summary.
+    ``progress``: show a progress bar (off in remote workers: their driver shows one)."""
     from tqdm.auto import tqdm
 
     remove_stale_temp_dirs(store)
-    todo = [d for d in docs if not store.has(d.id, source=source_digest(d, augmentations.get(d.id)))]
+    digests = {d.id: source_digest(d, augmentations.get(d.id)) for d in docs}
+    todo = [d for d in docs if not store.has(d.id, source=digests[d.id])]
     summary = {"trainer": "batched", "documents": len(docs), "skipped": len(docs) - len(todo), "trained": 0,
                "sequences": 0, "steps": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "bytes_written": 0}
     if summary["skipped"]:
@@ -67,7 +70,7 @@ def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmenta
 
     def still_todo():
         for d in todo:
-            if store.has(d.id, source=source_digest(d, augmentations.get(d.id))):  # written meanwhile
+            if store.has(d.id, source=digests[d.id]):  # written meanwhile
                 raced.append(d.id)
                 bar.update(1)
                 continue
@@ -75,7 +78,7 @@ def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmenta
 
     start = dict(trainer.counters)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="parameterize", unit="doc", smoothing=0.05)
+    bar = tqdm(total=len(todo), desc="parameterize", unit="doc", smoothing=0.05, disable=not progress)
 
     def on_round(counters: dict) -> None:
         elapsed = time.perf_counter() - t0
