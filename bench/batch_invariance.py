@@ -20,7 +20,9 @@ the same engine: a batch of the parametric requests (``--decode-tokens``, ignore
 request alone, and a prefill-heavy batch (``--prompt-words`` of fresh context each round,
 1 token).
 
-Variants: ``invariant`` (``PRAG_LORA_BATCH_INVARIANT=1``, the default), ``plans``
+Variants: ``invariant`` (``PRAG_LORA_BATCH_INVARIANT=1``, the default: LoRA ``rows`` plans and
+the base model's one-row products as two rows), ``invariant-lora`` (the LoRA ops only,
+``PRAG_ONE_ROW_AS_TWO=0``), ``plans``
 (``=0``: each plan kind its own path, the code before), ``plans-f32`` (``=0`` and
 ``PRAG_LORA_RUNS_F32=1``). Engine-wide settings (``PRAG_STOCK_LORA_OPS=1``, a float32
 engine) are separate runs of this script.
@@ -67,7 +69,8 @@ QUESTIONS = [
 ]
 
 VARIANTS = {
-    "invariant": {"PRAG_LORA_BATCH_INVARIANT": "1", "PRAG_LORA_RUNS_F32": None},
+    "invariant": {"PRAG_LORA_BATCH_INVARIANT": "1", "PRAG_LORA_RUNS_F32": None, "PRAG_ONE_ROW_AS_TWO": None},
+    "invariant-lora": {"PRAG_LORA_BATCH_INVARIANT": "1", "PRAG_LORA_RUNS_F32": None, "PRAG_ONE_ROW_AS_TWO": "0"},
     "plans": {"PRAG_LORA_BATCH_INVARIANT": "0", "PRAG_LORA_RUNS_F32": None},
     "plans-f32": {"PRAG_LORA_BATCH_INVARIANT": "0", "PRAG_LORA_RUNS_F32": "1"},
 }
@@ -383,8 +386,12 @@ def main() -> None:
             for split in [s for s in args.attn_split_kv.split(",") if s]:
                 label = f"VLLM_CPU_ATTN_SPLIT_KV={split}"
                 set_worker_env(engine, {"VLLM_CPU_ATTN_SPLIT_KV": split})
-                res = report["closed_book"][label] = invariance(engine, convs, none, args)
-                print("closed-book", label, json.dumps({k: res[k] for k in keys}), flush=True)
+                for v in [v for v in variants if v in ("invariant", "invariant-lora")] or [None]:
+                    if v is not None:  # the base model's one-row products depend on the variant
+                        set_worker_env(engine, VARIANTS[v])
+                    key = label if v is None else f"{v}, {label}"
+                    res = report["closed_book"][key] = invariance(engine, convs, none, args)
+                    print("closed-book", key, json.dumps({k: res[k] for k in keys}), flush=True)
                 for v in variants:
                     if v == "plans-f32" and split != args.attn_split_kv.split(",")[-1]:
                         continue  # once is enough

@@ -137,6 +137,19 @@ def test_report_tables_and_plots_from_rows(tmp_path, hotpot_file):
     assert (cfg.out_dir / "diffs.png").stat().st_size > 1000 and "![Differences with 95% intervals](diffs.png)" in report
 
 
+def test_per_type_can_differ_per_dataset(tmp_path, hotpot_file):
+    """``--per-type 1,2``: the first dataset gets 1 question per sub-type, the second 2."""
+    from prag_vllm.evaluation.run import prepare
+
+    one = prepare(EvalConfig(datasets=[str(hotpot_file)], out_dir=tmp_path / "a", per_type=1))
+    runs = prepare(EvalConfig(datasets=[str(hotpot_file), f"hotpotqa={hotpot_file}"], out_dir=tmp_path / "b",
+                              per_type=[1, 2]))
+    types = len(one[0].subtypes)
+    assert len(one[0].questions) == types
+    assert [len(r.questions) for r in runs] == [types, 2 * types]
+    assert runs[0].questions == one[0].questions
+
+
 def test_rerun_with_other_settings_is_refused(tmp_path):
     _check_settings(tmp_path, {"model": "m", "top_k": 3, "datasets": {"hotpotqa": "/a"}})
     _check_settings(tmp_path, {"model": "m", "top_k": 3, "datasets": {"popqa": "/b"}})  # adding a dataset is fine
@@ -194,6 +207,9 @@ def test_single_recipe_out_dir_is_migrated(tmp_path):
     (["--dataset", "{missing}"], "not found"),
     (["--dataset", "{hot}", "--init", "random,warmup"], "no questions left for the warm-up"),
     (["--dataset", "{hot}", "--recipe", "default,bogus"], "recipe"),
+    (["--dataset", "{hot}", "--per-type", "1,2"], "2 counts for 1 datasets"),
+    (["--dataset", "{hot}", "--per-type", "0"], "must be positive"),
+    (["--dataset", "{hot}", "--per-type", "two"], "one per dataset"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, hotpot_file, capsys, extra, needle):
     popqa = tmp_path / "popqa.jsonl"
@@ -230,10 +246,14 @@ def test_a_started_engine_is_stopped_before_training_with_work_to_do(tmp_path, t
         engine = Engine(started)
         _release_engine(engine, docs, AUGS, store)
         assert engine.closed == expect
+    from prag_vllm.training.driver import pending
+
+    assert pending(docs, AUGS, store)[0] == docs
     for i, d in enumerate(docs):
         adapter = random_adapter(test_model_dir, seed=i)
         adapter.meta = {"train": {"source": source_digest(d, AUGS.get(d.id))}}
         store.save(d.id, adapter)
+        assert pending(docs, AUGS, store)[0] == docs[i + 1:]
     engine = Engine(True)
     _release_engine(engine, docs, AUGS, store)
     assert engine.closed == 0, "nothing left to train: the engine stays for the answers"

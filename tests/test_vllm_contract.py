@@ -49,6 +49,7 @@ PATCHED: list[tuple[str, str, str, str]] = [
     ("vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA", "__init__", "wrapped", "compile"),
     ("vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA", "_apply_lora_to_output", "replaced", "compile"),
     ("vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA", "_prag_compile", ADDED, "compile"),
+    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm", "wrapped", "one_row"),
 ]
 
 SIGNATURES: dict[tuple[str, str], list[str]] = {
@@ -85,6 +86,7 @@ SIGNATURES: dict[tuple[str, str], list[str]] = {
     ("vllm.platforms.cpu:CpuPlatform", "check_and_update_config"): ["cls", "vllm_config"],
     ("vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA", "__init__"): ["self", "base_layer"],
     ("vllm.lora.layers.base_linear:BaseLinearLayerWithLoRA", "_apply_lora_to_output"): ["self", "x", "output"],
+    ("vllm.model_executor.layers.utils", "dispatch_cpu_unquantized_gemm"): ["layer", "remove_weight"],
 }
 LAYER_SIGNATURES = {"set_lora": ["self", "index", "lora_a", "lora_b"], "reset_lora": ["self", "index"]}
 
@@ -249,6 +251,20 @@ def test_worker_fields_the_rpcs_read():
     assert "self.vllm_config" in inspect.getsource(worker_base.WorkerBase.__init__)
     assert "self.lora_manager = " in inspect.getsource(lora_model_runner_mixin)
     assert "self._adapter_manager = " in inspect.getsource(worker_manager)
+
+
+def test_cpu_linear_layers_dispatch_at_load_and_call_cpu_linear():
+    """one_row wraps the ``layer.cpu_linear`` that vLLM's dispatch sets at load: the linear and
+    embedding (LM head) methods must call the dispatch through the ``utils`` module at load, and
+    every CPU product must go through ``layer.cpu_linear(x, weight, bias)``."""
+    from vllm.model_executor.layers import linear, utils, vocab_parallel_embedding
+
+    for module in (linear, vocab_parallel_embedding):
+        source = inspect.getsource(module)
+        assert "from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm" in source
+        assert "dispatch_cpu_unquantized_gemm(layer, remove_weight=" in source
+    assert "layer.cpu_linear(x, weight, bias)" in inspect.getsource(utils.cpu_unquantized_gemm)
+    assert "layer.cpu_linear = " in inspect.getsource(stock(utils, "dispatch_cpu_unquantized_gemm"))
 
 
 def test_shared_memory_reader_recheck_is_read_at_use():

@@ -22,6 +22,21 @@ def _inits(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _sizes(text: str) -> list[int]:
+    """argparse type: one positive count, or one per ``--dataset`` in order (``15,30``)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or N,M,... (one per dataset), got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"counts must be positive, got {text!r}")
+    return values
+
+
+def _one_or_list(values: list[int] | None) -> int | list[int] | None:
+    return values[0] if values and len(values) == 1 else values
+
+
 def _recipes(text: str) -> list[str]:
     """argparse type: one recipe or a comma-separated list (``default,paper``), each once."""
     from prag_vllm.errors import InputError
@@ -55,7 +70,8 @@ def add_eval_command(sub) -> None:
     sp.add_argument("--corpus", default=None, help="retrieval corpus for all datasets (default: each file's passages)")
     n = sp.add_mutually_exclusive_group()
     n.add_argument("--limit", type=positive, default=None, help="first N questions of each dataset")
-    n.add_argument("--per-type", type=positive, default=None, help="first N questions of each sub-type")
+    n.add_argument("--per-type", type=_sizes, default=None,
+                   help="first N questions of each sub-type; N,M,... gives one count per --dataset, in order")
     sp.add_argument("--mode", type=modes, default=modes("all"), help="comma-separated modes or 'all' (default)")
     sp.add_argument("--top-k", type=top_k, default=3)
     sp.add_argument("--init", type=_inits, default=["random"], help="LoRA init(s): random, warmup or random,warmup")
@@ -84,7 +100,8 @@ def cmd_eval(args) -> int:
     from prag_vllm.offline_commands import train_config_from_args
 
     cfg = EvalConfig(datasets=args.dataset, out_dir=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
-                     corpus=args.corpus, limit=args.limit, per_type=args.per_type, modes=args.mode, top_k=args.top_k,
+                     corpus=args.corpus, limit=args.limit, per_type=_one_or_list(args.per_type), modes=args.mode,
+                     top_k=args.top_k,
                      inits=args.init,
                      train=[train_config_from_args(argparse.Namespace(**{**vars(args), "recipe": r}))
                             for r in args.recipe],

@@ -170,6 +170,13 @@ def _recipes_line(train: dict) -> str:
                      for r, t in train.items())
 
 
+def _per_type_text(per_type: int | list[int], datasets: dict) -> str:
+    """``15`` or ``15 (2wikimultihopqa), 30 (hotpotqa)`` for a count per dataset."""
+    if isinstance(per_type, int):
+        return str(per_type)
+    return ", ".join(f"{n} ({name})" for n, name in zip(per_type, datasets))
+
+
 def render_report(metrics: dict) -> str:
     """report.md: every table of the run, then the plots and the method."""
     s = metrics["settings"]
@@ -181,7 +188,7 @@ def render_report(metrics: dict) -> str:
         f"{metrics['date']}. Top-k {s['top_k']}; LoRA r={first['rank']}, alpha={first['alpha']}; "
         f"recipe{'s' * (len(s['train']) > 1)} {_recipes_line(s['train'])}; init: {', '.join(s['inits'])}; "
         f"questions: {'first ' + str(s['limit']) if s['limit'] else ''}"
-        f"{'first ' + str(s['per_type']) + ' per sub-type' if s['per_type'] else ''}"
+        f"{'first ' + _per_type_text(s['per_type'], metrics['datasets']) + ' per sub-type' if s['per_type'] else ''}"
         f"{'all' if not s['limit'] and not s['per_type'] else ''}; max {s['max_tokens']} answer tokens.",
         "",
         "## F1 (layout of the paper's Table 1)", "", score_markdown(metrics, "f1"), "",

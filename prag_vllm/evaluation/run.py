@@ -37,7 +37,7 @@ from prag_vllm.errors import InputError
 from prag_vllm.evaluation.report import write_outputs
 from prag_vllm.evaluation.settings import INITS, Timings, answer_log, check_settings, train_settings
 from prag_vllm.modes import MODES, get_mode
-from prag_vllm.parameterize import TrainConfig, source_digest
+from prag_vllm.parameterize import TrainConfig
 from prag_vllm.pipeline import Question
 from prag_vllm.retrieve import check_top_k
 from prag_vllm.workspace import Workspace
@@ -62,8 +62,9 @@ class EvalConfig:
     """Retrieval corpus for every dataset; default: each file's own passages (HotpotQA, 2Wiki)."""
     limit: int | None = None
     """Evaluate the first N questions of each dataset."""
-    per_type: int | None = None
-    """Evaluate the first N questions of each sub-type (the paper: 300)."""
+    per_type: int | list[int] | None = None
+    """Evaluate the first N questions of each sub-type (the paper: 300); a list gives one N per dataset, in
+    the order of ``datasets`` (e.g. 2Wiki 15 and HotpotQA 30: 60 questions each)."""
     modes: list[str] = field(default_factory=lambda: list(MODES))
     """Answering modes."""
     top_k: int = 3
@@ -144,18 +145,22 @@ def prepare(cfg: EvalConfig) -> list[DatasetRun]:
         raise InputError(f"unknown LoRA init {bad or cfg.inits}; choose from {', '.join(INITS)}")
     if not cfg.trains or len(set(cfg.recipes)) != len(cfg.recipes):
         raise InputError(f"give each recipe once, got {cfg.recipes}")
-    for name, value in (("limit", cfg.limit), ("per_type", cfg.per_type), ("warmup_size", cfg.warmup_size),
+    per_type = cfg.per_type if isinstance(cfg.per_type, list) else [cfg.per_type] * len(cfg.datasets)
+    if len(per_type) != len(cfg.datasets):
+        raise InputError(f"per_type gives {len(per_type)} counts for {len(cfg.datasets)} datasets; "
+                         f"give one count, or one per dataset")
+    for name, value in (("limit", cfg.limit), *(("per_type", n) for n in per_type), ("warmup_size", cfg.warmup_size),
                         ("warmup_epochs", cfg.warmup_epochs), *(("epochs", t.epochs) for t in cfg.trains)):
         if value is not None and value <= 0:
             raise InputError(f"{name} must be positive, got {value}")
     retrieves = any(get_mode(m).retrieves for m in cfg.modes)
     shared_corpus = load_corpus(cfg.corpus) if cfg.corpus and retrieves else None
     runs: list[DatasetRun] = []
-    for spec in cfg.datasets:
+    for spec, n_per_type in zip(cfg.datasets, per_type):
         fmt, path = _parse_dataset_arg(spec)
         data = load_dataset(path, fmt)
         questions = [replace(q, mode=None, k=None)
-                     for q in select_questions(data.questions, cfg.limit, cfg.per_type)]
+                     for q in select_questions(data.questions, cfg.limit, n_per_type)]
         name = data.name if all(r.name != data.name for r in runs) else f"{data.name}-{Path(path).stem}"
         docs = shared_corpus if shared_corpus is not None else data.documents
         if retrieves and docs is None:
@@ -218,8 +223,9 @@ def _release_engine(engine, docs: list, augs: dict, store) -> None:
     """Stop a lazily started engine before training that has work to do: its processes hold
     GBs of memory the trainer wants (~3.7 GB for the default model), and training takes far
     longer than the engine's restart for the answers (measured 2026-12-06)."""
-    if not getattr(engine, "started", False) or all(store.has(d.id, source=source_digest(d, augs.get(d.id)))
-                                                    for d in docs):
+    from prag_vllm.training.driver import pending
+
+    if not getattr(engine, "started", False) or not pending(docs, augs, store)[0]:
         return
     logger.info("stopping the vLLM engine for training (it is started again to answer)")
     engine.close()

@@ -120,12 +120,11 @@ class RayExecutor(Executor):
         from tqdm.auto import tqdm
 
         from prag_vllm.executors.ray_actors import TrainerActor
-        from prag_vllm.parameterize import source_digest
-        from prag_vllm.training.driver import remove_stale_temp_dirs, summarize
+        from prag_vllm.training.driver import pending, remove_stale_temp_dirs, summarize
 
         check_writable(store.root)
         remove_stale_temp_dirs(store)
-        todo = [d for d in docs if not store.has(d.id, source=source_digest(d, augmentations.get(d.id)))]
+        todo, _ = pending(docs, augmentations, store)
         keys = ("trained", "sequences", "steps", "tokens", "padded_tokens", "bytes_written")
         summary = {"trainer": "batched", "executor": "ray", "documents": len(docs), "skipped": len(docs) - len(todo),
                    **dict.fromkeys(keys, 0), "seconds": 0.0}

