@@ -27,8 +27,9 @@ import weakref
 
 import torch
 
-from prag_vllm.vllm_plugin import patching
+from prag_vllm.vllm_plugin import patching, settings
 from prag_vllm.vllm_plugin.patching import Patcher
+from prag_vllm.vllm_plugin.punica import batch_invariant
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,6 @@ _LIB: torch.library.Library | None = None
 
 
 def _one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: str) -> torch.Tensor:
-    from prag_vllm.vllm_plugin import settings
-    from prag_vllm.vllm_plugin.punica import batch_invariant
-
     linear = _LINEARS[layer][0]()._prag_cpu_linear
     if x.numel() == x.shape[-1] and batch_invariant() and settings.ONE_ROW_AS_TWO.get() == "1":  # one row
         twice = x.reshape(1, -1).expand(2, -1).contiguous()
