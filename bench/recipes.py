@@ -107,6 +107,24 @@ def interference(engine, questions, docs, retriever, store, ks: list[int], out: 
     return table
 
 
+def coverage(questions: list[dict], augs: dict, interference_rows: list[dict]) -> dict:
+    """Single-hop parametric F1 with the gold document's adapter alone (k=1), split by whether a
+    QA pair of that document's augmentation has the gold answer: what an adapter can recall
+    comes from its QA pairs far more than from its passage text."""
+    from prag_vllm.metrics import normalize_answer
+
+    by_id = {q["id"]: q for q in questions}
+    split: dict[str, list[float]] = {"taught": [], "not_taught": []}
+    for r in interference_rows:
+        q = by_id.get(r["id"])
+        if r["k"] != 1 or not q or q["type"] != "single-hop":
+            continue
+        aug = augs.get(q["docs"][0])
+        taught = {normalize_answer(p["answer"]) for p in (aug.qa if aug else [])}
+        split["taught" if any(normalize_answer(a) in taught for a in q["answers"]) else "not_taught"].append(r["f1"])
+    return {k: {"questions": len(v), "f1": _mean(v)} for k, v in split.items()}
+
+
 def train_config(spec: str):
     """``recipe[:key=value...]`` (keys: lr, epochs, loss) -> TrainConfig, e.g. ``default:lr=1e-3:epochs=5``."""
     from prag_vllm.parameterize import TrainConfig
@@ -124,7 +142,7 @@ def _mean(v: list[float]) -> float | None:
 
 
 def run(args) -> dict:
-    from prag_vllm.augment import PROMPT_VERSION, AugmentConfig, augment_corpus
+    from prag_vllm.augment import PROMPT_VERSION, AugmentConfig, augment_corpus, load_augmentations
     from prag_vllm.benchdata import generate, write
     from prag_vllm.corpus import load_corpus
     from prag_vllm.evaluation.cli import LazyEngine
@@ -136,6 +154,7 @@ def run(args) -> dict:
     work, out = Path(args.work).expanduser(), Path(args.out)
     model_path = resolve_model(args.model)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": model_path.name,
+               "augment_model": args.augment_model or model_path.name,
                "machine": machine(), "command": "python bench/recipes.py " + " ".join(args.argv),
                "fictional": {}, "2wiki": {}}
     jobs = [tuple(j.split("@", 1)) for j in args.jobs.split(",") if j]  # (dataset, recipe spec)
@@ -156,11 +175,19 @@ def run(args) -> dict:
                         write(generate(args.fictional_docs, args.seed), fdir)
                     docs = load_corpus(fdir / "corpus.jsonl")
                     base = dict(datasets=[f"jsonl={fdir / 'questions.jsonl'}"], corpus=str(fdir / "corpus.jsonl"),
+                                augment_model=args.augment_model,
                                 work_dir=work / "work-fictional", modes=MODES, top_k=3, max_tokens=args.max_tokens,
-                                augment=AugmentConfig(n_qa=args.n_qa))
+                                augment=AugmentConfig(n_qa=args.n_qa, distinct_answers=args.distinct_answers))
                     (frun,) = prepare(EvalConfig(out_dir=out / "fictional" / "x", **base))
-                    acfg = AugmentConfig(n_qa=args.n_qa)
-                    augs = augment_corpus(docs, engine, _augmentations_path(frun, model_path.name, acfg), acfg)
+                    acfg = AugmentConfig(n_qa=args.n_qa, distinct_answers=args.distinct_answers)
+                    aug_path = _augmentations_path(frun, args.augment_model or model_path.name, acfg)
+                    if args.augment_model and args.augment_model != model_path.name:
+                        missing = {d.id for d in docs} - set(load_augmentations(aug_path))
+                        if missing:
+                            raise SystemExit(f"--augment-model {args.augment_model}: {len(missing)} of {len(docs)} "
+                                             f"documents have no augmentation in {aug_path}; run with --model "
+                                             f"{args.augment_model} first")
+                    augs = augment_corpus(docs, engine, aug_path, acfg)
                     retriever = build_retriever(RetrieverConfig(kind="bm25", index_dir=str(frun.ws.index_dir)), docs)
                     fict = read_jsonl(fdir / "questions.jsonl")
                 store = frun.ws.store(model_path, tcfg)  # every document, for the interference runs
@@ -169,16 +196,19 @@ def run(args) -> dict:
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": rate}
                 entry["interference"] = interference(engine, fict, docs, retriever, store, args.ks, rdir,
                                                      args.max_tokens)
+                if 1 in args.ks:
+                    entry["coverage"] = coverage(fict, augs, read_jsonl(rdir / "interference.jsonl"))
             else:
                 metrics = run_eval(EvalConfig(datasets=[args.wiki], out_dir=rdir, work_dir=work / "work",
                                               per_type=args.wiki_per_type, modes=MODES, top_k=3, train=tcfg,
-                                              augment=AugmentConfig(n_qa=args.n_qa),
+                                              augment=AugmentConfig(n_qa=args.n_qa, distinct_answers=args.distinct_answers),
                                               max_tokens=args.max_tokens), engine, model_path)
                 (ds,) = metrics["datasets"].values()
                 rate = (ds["offline"]["train_s_per_doc"].get(tcfg.recipe) or {}).get("random")
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None}
-            entry.update(epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr, augment_prompt=PROMPT_VERSION, n_qa=args.n_qa,
-                         date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            entry.update(model=model_path.name, augment_model=args.augment_model or model_path.name,
+                         epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr, augment_prompt=PROMPT_VERSION,
+                         n_qa=args.n_qa, distinct_answers=args.distinct_answers, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             results[dataset][r] = entry
             atomic_write_json(out.with_suffix(".partial.json"), results)
             logger.info("%s %s: %s", dataset, r, json.dumps(entry["modes"]))
@@ -199,6 +229,7 @@ def merge(paths: list[Path]) -> dict:
         for ds in ("fictional", "2wiki"):
             for r, e in res.get(ds, {}).items():
                 e.setdefault("date", res.get("date"))
+                e.setdefault("model", res.get("model"))
                 old = out[ds].get(r)
                 if old is not None and old.get("augment_prompt") != e.get("augment_prompt"):
                     out[ds][f"{r} (aug v{old.get('augment_prompt')})"] = out[ds].pop(r)
@@ -225,11 +256,11 @@ def report(res: dict) -> str:
             for mode, v in e["modes"].items():
                 lines.append(f"| {r} | {mode} | {v['f1']:.3f} | {v['em']:.3f} | {v['template_leaks']} "
                              f"| {v['hit_max_tokens']} | {v['questions']} |")
-        lines += ["", "| recipe | ran as | loss policy | epochs | lr | augmentation | train s/doc | run |",
-                  "|---|---|---|---:|---:|---:|---:|---|"]
-        lines += [f"| {r} | {e.get('ran_as', r)} | {e['loss_policy']} | {e['epochs']} | {e['lr']} "
-                  f"| v{e.get('augment_prompt', '?')} | {e['train_s_per_doc']} | {e.get('date', '')} |"
-                  for r, e in res[ds].items()]
+        lines += ["", "| recipe | ran as | model | loss policy | epochs | lr | augmentation | QA pairs | train s/doc | run |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r} | {e.get('ran_as', r)} | {e.get('model', res['model'])} | {e['loss_policy']} | {e['epochs']} "
+                  f"| {e['lr']} | v{e.get('augment_prompt', '?')} | {e.get('n_qa', 3)} | {e['train_s_per_doc']} "
+                  f"| {e.get('date', '')} |" for r, e in res[ds].items()]
         if ds == "fictional":
             lines += ["", "Merge interference (parametric, gold documents forced into a merge of k):", "",
                       "| recipe | k | F1 | F1 single-hop | F1 two-hop | template leaks |", "|---|---:|---:|---:|---:|---:|"]
@@ -237,6 +268,14 @@ def report(res: dict) -> str:
                 for k, v in e["interference"].items():
                     lines.append(f"| {r} | {k} | {v['f1']} | {v['f1_single-hop']} | {v['f1_two-hop']} "
                                  f"| {v['template_leaks']} |")
+            cov = {r: e["coverage"] for r, e in res[ds].items() if e.get("coverage")}
+            if cov:
+                lines += ["", "Single-hop questions, gold adapter alone (k=1), by whether one of the document's "
+                          "QA pairs has the answer:", "",
+                          "| recipe | taught: questions | taught: F1 | not taught: questions | not taught: F1 |",
+                          "|---|---:|---:|---:|---:|"]
+                lines += [f"| {r} | {c['taught']['questions']} | {c['taught']['f1']} | {c['not_taught']['questions']} "
+                          f"| {c['not_taught']['f1']} |" for r, c in cov.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -251,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", default="fictional@default,2wiki@default,fictional@paper,2wiki@paper,fictional@distill",
                    help="DATASET@RECIPE[:lr=..:epochs=..:loss=..], run in this order")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--augment-model", default=None,
+                   help="fictional jobs: train on the augmentations this model wrote (they must exist), so that "
+                        "two models are compared on the same training text")
     p.add_argument("--fictional-docs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 5])
@@ -259,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--n-qa", type=int, default=3, help="QA pairs per document (augmentation; use another --work "
                    "for another value: adapters of one recipe share a store, and stale ones are trained again)")
+    p.add_argument("--distinct-answers", action="store_true",
+                   help="augmentation keeps one QA pair per answer (AugmentConfig.distinct_answers)")
     p.add_argument("--work", default=str(cache / "bench" / "recipes"))
     p.add_argument("--out", default="docs/results/recipes")
     p.add_argument("--report-only", action="store_true",

@@ -139,7 +139,8 @@ class PaperRecipe(Recipe):
     description: str = "PRAG's code: 5 sequences, 'The answer is X.', full loss, no end of turn, 1 epoch"
 
     def pieces(self, doc, aug, tokenizer):
-        qas, rewrite = _qa(aug), (aug.rewrites[0] if aug and aug.rewrites else None)
+        # PRAG's three QA pairs, however many augmentation wrote (--n-qa)
+        qas, rewrite = _qa(aug)[:3], (aug.rewrites[0] if aug and aug.rewrites else None)
         with_passage = (len(qas) + 1) // 2
         out = []
         for i, qa in enumerate(qas):

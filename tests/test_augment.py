@@ -132,3 +132,27 @@ def test_answer_in_passage():
     assert answer_in_passage("Odile Brask", text) and answer_in_passage("the river Sevlin.", text)
     assert answer_in_passage("1887", text) and not answer_in_passage("188", text)
     assert not answer_in_passage("Brask Odile", text) and not answer_in_passage("", text)
+
+
+def test_distinct_answers_keeps_one_pair_per_fact(tmp_path):
+    """With ``distinct_answers`` a pair whose answer an earlier pair has is dropped, and the
+    document is asked again for another fact; the augmentation log is a separate file."""
+    from prag_vllm.evaluation.run import _augmentations_path
+
+    def reply(passage, attempt):
+        w = passage.split()
+        return json.dumps([{"question": f"Where is {w[0]}?", "answer": w[-1]},
+                           {"question": f"Where was {w[0]} seen?", "answer": w[-1]},       # the same fact
+                           {"question": f"What about {w[0]} {attempt}?", "answer": w[-1 - attempt]}])
+
+    cfg = AugmentConfig(batch_size=4, max_retries=2, n_qa=3, distinct_answers=True)
+    out = augment_corpus(DOCS[:1], FakeLLM(reply), tmp_path / "aug.jsonl", cfg)
+    w = DOCS[0].passage.split()
+    assert [p["answer"] for p in out["d1"].qa] == [w[-1], w[-2], w[-3]]
+    same = augment_corpus(DOCS[:1], FakeLLM(reply), tmp_path / "aug2.jsonl", AugmentConfig(n_qa=3))
+    assert [p["answer"] for p in same["d1"].qa] == [w[-1], w[-1], w[-2]], "off by default: questions decide"
+
+    class Run:
+        class ws:
+            root = tmp_path
+    assert _augmentations_path(Run, "m", cfg) != _augmentations_path(Run, "m", AugmentConfig(n_qa=3))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from prag_vllm.adapters import AdapterStore
 from prag_vllm.augment import AugmentConfig
 from prag_vllm.cli import main
+from prag_vllm.errors import InputError
 from prag_vllm.evaluation import run as eval_run
 from prag_vllm.evaluation.run import EvalConfig, run_eval
 from prag_vllm.generate import Generation
@@ -217,3 +219,26 @@ def test_cli_recipe_list(tmp_path, hotpot_file, tiny_model_dir, monkeypatch):
     assert [(t.recipe, t.epochs) for t in seen[0].trains] == [("default", 2), ("paper", 2)]
     assert [(t.recipe, t.epochs) for t in seen[1].trains] == [("paper", 1)]
     assert seen[2].recipes == ["default"] and seen[2].work == tmp_path / "o3" / "work"
+
+
+def test_augment_model_trains_on_another_models_augmentations(tmp_path, hotpot_file, tiny_model_dir, trained):
+    """``augment_model``: the augmentations another model wrote are read (never written); when they
+    miss a retrieved document the run stops with an error before augmenting or training."""
+    work = tmp_path / "work"
+    modes = ["closed-book", "parametric"]
+    run_eval(_cfg(hotpot_file, tmp_path / "a", work, ["default"], modes=modes), FakeEngine(), tiny_model_dir)
+    (mine,) = (work / "hotpotqa" / "augmented").glob(f"{Path(tiny_model_dir).name}-*.jsonl")
+    shutil.copy(mine, mine.with_name(mine.name.replace(Path(tiny_model_dir).name, "bigger-model")))
+
+    with pytest.raises(InputError, match="no augmentation by nobody"):
+        run_eval(_cfg(hotpot_file, tmp_path / "b", work, ["default"], modes=modes, augment_model="nobody"),
+                 FakeEngine(), tiny_model_dir)
+    assert not list((work / "hotpotqa" / "augmented").glob("nobody-*")), "nothing written under the other name"
+
+    trained.clear()
+    engine = FakeEngine()
+    run_eval(_cfg(hotpot_file, tmp_path / "c", work, ["default"], modes=modes, augment_model="bigger-model"),
+             engine, tiny_model_dir)
+    assert engine.chats == 0, "the other model's augmentations are used as they are"
+    assert all(n == 0 for _, n in trained), "same training text: the adapters are the same"
+    assert json.loads((tmp_path / "c" / "run_config.json").read_text())["augment_model"] == "bigger-model"

@@ -45,6 +45,9 @@ def test_paper_recipe_sequences_as_prag_writes_them(tok):
                 seq(None, "What is Velmora Quist?", "a person.")]
     exs = training_examples(DOC, AUG, tok, TrainConfig(recipe="paper"))
     assert [tok.decode(e.input_ids) for e in exs] == expected
+    more = Augmentation("v", rewrites=AUG.rewrites, qa=AUG.qa + [{"question": "Who is Velmora Quist?", "answer": "Q"}])
+    assert [tok.decode(e.input_ids) for e in training_examples(DOC, more, tok, TrainConfig(recipe="paper"))] == expected, \
+        "PRAG trains on three QA pairs, however many augmentation wrote"
     assert all(all(e.targets[1:]) and not e.targets[0] for e in exs), "full loss: every token but the first"
     assert all(e.input_ids[-1] != tok.eos_token_id for e in exs), "no end of turn after the answer"
     cfg = TrainConfig(recipe="paper")

@@ -76,6 +76,10 @@ class EvalConfig:
     default,paper``; recipe names must differ); ``warmup_adapter`` is set per init."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     """Augmentation settings."""
+    augment_model: str | None = None
+    """Train on the augmentations another model wrote in this work dir (its registry or directory
+    name), to compare two models on one training text; they are read, never written, and must
+    cover every retrieved document. Default: the answering model writes its own."""
     warmup_size: int = 300
     """QA pairs the warm-up LoRA is trained on."""
     warmup_epochs: int = 1
@@ -199,10 +203,16 @@ def _settings(cfg: EvalConfig, runs: list[DatasetRun], model_name: str) -> dict:
     """Everything that changes a finished row; a rerun into the same ``out_dir`` must match
     (see :func:`~prag_vllm.evaluation.settings.check_settings`)."""
     train = {t.recipe: train_settings(t) for t in cfg.trains}
-    return {"model": model_name, "top_k": cfg.top_k, "train": train, "augment": asdict(cfg.augment),
-            "max_tokens": cfg.max_tokens, "corpus": str(Path(cfg.corpus).resolve()) if cfg.corpus else None,
-            "warmup": {"size": cfg.warmup_size, "epochs": cfg.warmup_epochs, "data": cfg.warmup_data},
-            "datasets": {r.name: str(r.data.path.resolve()) for r in runs}}
+    augment = asdict(cfg.augment)
+    if not augment["distinct_answers"]:  # added later: recorded only when set, so older runs resume
+        del augment["distinct_answers"]
+    out = {"model": model_name, "top_k": cfg.top_k, "train": train, "augment": augment,
+           "max_tokens": cfg.max_tokens, "corpus": str(Path(cfg.corpus).resolve()) if cfg.corpus else None,
+           "warmup": {"size": cfg.warmup_size, "epochs": cfg.warmup_epochs, "data": cfg.warmup_data},
+           "datasets": {r.name: str(r.data.path.resolve()) for r in runs}}
+    if cfg.augment_model and cfg.augment_model != model_name:
+        out["augment_model"] = cfg.augment_model
+    return out
 
 
 _check_settings = check_settings  # the name the tests and older callers use
@@ -216,7 +226,8 @@ def _adapter_sets(cfg: EvalConfig) -> list[tuple[TrainConfig, str]]:
 def _augmentations_path(run: DatasetRun, model_name: str, acfg: AugmentConfig) -> Path:
     from prag_vllm.augment import PROMPT_VERSION
 
-    return run.ws.root / "augmented" / f"{model_name}-rw{acfg.n_rewrites}-qa{acfg.n_qa}-p{PROMPT_VERSION}.jsonl"
+    distinct = "-distinct" if acfg.distinct_answers else ""
+    return run.ws.root / "augmented" / f"{model_name}-rw{acfg.n_rewrites}-qa{acfg.n_qa}-p{PROMPT_VERSION}{distinct}.jsonl"
 
 
 def _release_engine(engine, docs: list, augs: dict, store) -> None:
@@ -266,9 +277,12 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
     # Augment the retrieved documents (vLLM), once for every recipe
     augs = {}
     for run in runs:
-        path = _augmentations_path(run, model_name, cfg.augment)
+        path = _augmentations_path(run, cfg.augment_model or model_name, cfg.augment)
         augs[run.name] = load_augmentations(path)
         todo = [d for d in needed.get(run.name, []) if d.id not in augs[run.name]] if needs_aug else []
+        if todo and cfg.augment_model not in (None, model_name):
+            raise InputError(f"{run.name}: {len(todo)} retrieved documents have no augmentation by "
+                             f"{cfg.augment_model} in {path}; run with that model first, or drop augment_model")
         if todo:
             t0 = time.perf_counter()
             augs[run.name] = augment_corpus(todo, engine, path, cfg.augment)

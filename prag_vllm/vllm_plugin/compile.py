@@ -20,14 +20,13 @@ import os
 
 import torch
 
-from prag_vllm.vllm_plugin import patching
+from prag_vllm.vllm_plugin import ops, patching
 from prag_vllm.vllm_plugin.patching import Patcher
 
 logger = logging.getLogger(__name__)
 
 _LAYERS: dict[str, object] = {}
 """LoRA layers by name; the op looks its layer up here (a compiled graph can only pass strings)."""
-_LIB: torch.library.Library | None = None
 
 
 def enabled() -> bool:
@@ -43,21 +42,6 @@ def _lora_linear_fake(y: torch.Tensor, x: torch.Tensor, layer: str) -> None:
     return None
 
 
-def _register_op() -> None:
-    """Register ``torch.ops.prag.lora_linear`` (once per process). torch cannot unregister an
-    op: after a rollback it stays registered but unreachable (only the patched
-    ``_apply_lora_to_output`` calls it, and the rollback restores vLLM's own)."""
-    global _LIB
-    if _LIB is not None:
-        return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    lib = torch.library.Library("prag", "FRAGMENT")
-    direct_register_custom_op("lora_linear", _lora_linear, mutates_args=["y"], fake_impl=_lora_linear_fake,
-                              target_lib=lib, dispatch_key="CPU")
-    _LIB = lib  # only once registered: a failed registration is tried again by the next install
-
-
 def install(patcher: Patcher | None = None) -> None:
     """Patch vLLM (in this process) so LoRA engines on CPU keep compilation (idempotent)."""
     from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
@@ -67,7 +51,7 @@ def install(patcher: Patcher | None = None) -> None:
 
     if getattr(BaseLinearLayerWithLoRA, "_prag_compile", False):
         return
-    _register_op()
+    ops.register("lora_linear", _lora_linear, _lora_linear_fake, mutates_args=["y"])
     platform = cpu.CpuPlatform
     check = platform.check_and_update_config.__func__
 

@@ -27,7 +27,7 @@ import weakref
 
 import torch
 
-from prag_vllm.vllm_plugin import patching, settings
+from prag_vllm.vllm_plugin import ops, patching, settings
 from prag_vllm.vllm_plugin.patching import Patcher
 from prag_vllm.vllm_plugin.punica import batch_invariant
 
@@ -37,7 +37,6 @@ _LINEARS: dict[str, tuple[weakref.ref, int]] = {}
 """Layer name -> (the layer, weakly: a dropped model frees its packed weights; its output size).
 The op looks its layer up here (a compiled graph can only pass strings); vLLM's own
 ``cpu_linear`` is kept on the layer as ``_prag_cpu_linear``."""
-_LIB: torch.library.Library | None = None
 
 
 def _one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: str) -> torch.Tensor:
@@ -51,20 +50,6 @@ def _one_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def _one_row_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          layer: str) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], _LINEARS[layer][1]))
-
-
-def _register_op() -> None:
-    """Register ``torch.ops.prag.one_row_linear`` (once per process; torch cannot unregister an
-    op: after a rollback it stays registered, unreachable)."""
-    global _LIB
-    if _LIB is not None:
-        return
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    lib = torch.library.Library("prag", "FRAGMENT")
-    direct_register_custom_op("one_row_linear", _one_row_linear, mutates_args=[], fake_impl=_one_row_linear_fake,
-                              target_lib=lib, dispatch_key="CPU")
-    _LIB = lib
 
 
 def wrap(layer: torch.nn.Module, out_features: int) -> None:
@@ -84,7 +69,7 @@ def install(patcher: Patcher | None = None) -> None:
     dispatch = utils.dispatch_cpu_unquantized_gemm
     if getattr(dispatch, "_prag_one_row", False):
         return
-    _register_op()
+    ops.register("one_row_linear", _one_row_linear, _one_row_linear_fake, mutates_args=[])
 
     @functools.wraps(dispatch)
     def dispatch_cpu_unquantized_gemm(layer: torch.nn.Module, remove_weight: bool) -> None:
