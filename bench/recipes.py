@@ -153,8 +153,10 @@ def run(args) -> dict:
 
     work, out = Path(args.work).expanduser(), Path(args.out)
     model_path = resolve_model(args.model)
+    aug_model = args.augment_model or model_path.name
+    acfg = AugmentConfig(n_qa=args.n_qa, distinct_answers=args.distinct_answers)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": model_path.name,
-               "augment_model": args.augment_model or model_path.name,
+               "augment_model": aug_model,
                "machine": machine(), "command": "python bench/recipes.py " + " ".join(args.argv),
                "fictional": {}, "2wiki": {}}
     jobs = [tuple(j.split("@", 1)) for j in args.jobs.split(",") if j]  # (dataset, recipe spec)
@@ -177,11 +179,10 @@ def run(args) -> dict:
                     base = dict(datasets=[f"jsonl={fdir / 'questions.jsonl'}"], corpus=str(fdir / "corpus.jsonl"),
                                 augment_model=args.augment_model,
                                 work_dir=work / "work-fictional", modes=MODES, top_k=3, max_tokens=args.max_tokens,
-                                augment=AugmentConfig(n_qa=args.n_qa, distinct_answers=args.distinct_answers))
+                                augment=acfg)
                     (frun,) = prepare(EvalConfig(out_dir=out / "fictional" / "x", **base))
-                    acfg = AugmentConfig(n_qa=args.n_qa, distinct_answers=args.distinct_answers)
-                    aug_path = _augmentations_path(frun, args.augment_model or model_path.name, acfg)
-                    if args.augment_model and args.augment_model != model_path.name:
+                    aug_path = _augmentations_path(frun, aug_model, acfg)
+                    if aug_model != model_path.name:
                         missing = {d.id for d in docs} - set(load_augmentations(aug_path))
                         if missing:
                             raise SystemExit(f"--augment-model {args.augment_model}: {len(missing)} of {len(docs)} "
@@ -201,12 +202,12 @@ def run(args) -> dict:
             else:
                 metrics = run_eval(EvalConfig(datasets=[args.wiki], out_dir=rdir, work_dir=work / "work",
                                               per_type=args.wiki_per_type, modes=MODES, top_k=3, train=tcfg,
-                                              augment=AugmentConfig(n_qa=args.n_qa, distinct_answers=args.distinct_answers),
+                                              augment=acfg,
                                               max_tokens=args.max_tokens), engine, model_path)
                 (ds,) = metrics["datasets"].values()
                 rate = (ds["offline"]["train_s_per_doc"].get(tcfg.recipe) or {}).get("random")
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None}
-            entry.update(model=model_path.name, augment_model=args.augment_model or model_path.name,
+            entry.update(model=model_path.name, augment_model=aug_model,
                          epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr, augment_prompt=PROMPT_VERSION,
                          n_qa=args.n_qa, distinct_answers=args.distinct_answers, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             results[dataset][r] = entry

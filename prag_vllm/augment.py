@@ -189,9 +189,10 @@ def augment_batch(docs: list[Document], llm: ChatGenerator, cfg: AugmentConfig) 
             have = results[i].qa
             seen = {_key(p, cfg) for p in have}
             for p in parse_qa(out, 4 * cfg.n_qa):
-                if len(have) < cfg.n_qa and usable_qa(p, docs[i]) and _key(p, cfg) not in seen:
+                key = _key(p, cfg)
+                if len(have) < cfg.n_qa and usable_qa(p, docs[i]) and key not in seen:
                     have.append(p)
-                    seen.add(_key(p, cfg))
+                    seen.add(key)
             if len(have) < cfg.n_qa:  # too few usable pairs (usable_qa): asked again, with sampling
                 still.append(i)
         pending = [i for i in still if attempt < cfg.max_retries or not results[i].qa]
