@@ -63,12 +63,13 @@ def train_all(docs, augs, store, model_path, tcfg, timing_file: Path) -> float |
     return round(timing["seconds"] / timing["docs"], 2) if timing["docs"] else None
 
 
-def interference(engine, questions, docs, retriever, store, ks: list[int], out: Path, max_tokens: int) -> dict:
+def interference(engine, questions, docs, retriever, store, ks: list[int], out: Path, max_tokens: int,
+                 policy: str = "sum") -> dict:
     """Parametric F1 per k with the gold documents forced into the merge (bare question)."""
     from prag_vllm.merge import MergedAdapterCache
     from prag_vllm.modes import get_mode
 
-    merged = MergedAdapterCache(store)
+    merged = MergedAdapterCache(store, policy=policy)
     audit = AnswerAudit.for_tokenizer(engine.tokenizer)
     path = out / "interference.jsonl"
     done = {(r["id"], r["k"]) for r in read_jsonl(path, tolerate_torn_tail=True)} if path.is_file() else set()
@@ -126,15 +127,28 @@ def coverage(questions: list[dict], augs: dict, interference_rows: list[dict]) -
 
 
 def train_config(spec: str):
-    """``recipe[:key=value...]`` (keys: lr, epochs, loss) -> TrainConfig, e.g. ``default:lr=1e-3:epochs=5``."""
+    """``recipe[:key=value...]`` (keys: lr, epochs, loss, partners) -> TrainConfig, e.g.
+    ``default:lr=1e-3:epochs=5``; ``partners=N``: merge-aware training beside the adapters of
+    the same spec without it (trained first where missing). ``merge=POLICY`` is not a training
+    setting (:func:`merge_policy`)."""
     from prag_vllm.parameterize import TrainConfig
 
     name, *opts = spec.split(":")
     kw = {}
-    for opt in opts:
+    for opt in [o for o in opts if not o.startswith("merge=")]:
         key, _, value = opt.partition("=")
-        kw[{"loss": "loss_policy"}.get(key, key)] = {"lr": float, "epochs": int}.get(key, str)(value)
+        key = {"loss": "loss_policy", "partners": "merge_partners"}.get(key, key)
+        kw[key] = {"lr": float, "epochs": int, "merge_partners": int}.get(key, str)(value)
     return TrainConfig(recipe=name, **kw)
+
+
+def merge_policy(spec: str) -> str:
+    """The spec's ``merge=POLICY`` (how the top-k adapters combine when answering; default: the
+    product's, ``merge.DEFAULT_MERGE_POLICY``; runs before 2026-12-06 20:00 UTC used ``sum``)."""
+    from prag_vllm.merge import DEFAULT_MERGE_POLICY, check_merge_policy
+
+    return check_merge_policy(next((o[6:] for o in spec.split(":")[1:] if o.startswith("merge=")),
+                                   DEFAULT_MERGE_POLICY))
 
 
 def _mean(v: list[float]) -> float | None:
@@ -145,8 +159,10 @@ def run(args) -> dict:
     from prag_vllm.augment import PROMPT_VERSION, AugmentConfig, augment_corpus, load_augmentations
     from prag_vllm.benchdata import generate, write
     from prag_vllm.corpus import load_corpus
+    from prag_vllm.errors import InputError
     from prag_vllm.evaluation.cli import LazyEngine
     from prag_vllm.evaluation.run import EvalConfig, _augmentations_path, prepare, run_eval
+    from prag_vllm.evaluation.run import check_borrowed_augmentations as check_borrowed
     from prag_vllm.generate import EngineConfig
     from prag_vllm.models import resolve_model
     from prag_vllm.retrieve.factory import RetrieverConfig, build_retriever
@@ -168,7 +184,6 @@ def run(args) -> dict:
     fict = None
     with LazyEngine(engine_cfg) as engine:
         for dataset, r in jobs:
-            tcfg = train_config(r)
             rdir = out / dataset / r.replace(":", "_")
             if dataset == "fictional":
                 if fict is None:  # the corpus, its augmentations and index: once, shared by the recipes
@@ -183,32 +198,36 @@ def run(args) -> dict:
                     (frun,) = prepare(EvalConfig(out_dir=out / "fictional" / "x", **base))
                     aug_path = _augmentations_path(frun, aug_model, acfg)
                     if aug_model != model_path.name:
-                        missing = {d.id for d in docs} - set(load_augmentations(aug_path))
-                        if missing:
-                            raise SystemExit(f"--augment-model {args.augment_model}: {len(missing)} of {len(docs)} "
-                                             f"documents have no augmentation in {aug_path}; run with --model "
-                                             f"{args.augment_model} first")
+                        have = load_augmentations(aug_path)
+                        try:
+                            check_borrowed([d for d in docs if d.id not in have], aug_model, aug_path)
+                        except InputError as exc:
+                            raise SystemExit(str(exc)) from None
                     augs = augment_corpus(docs, engine, aug_path, acfg)
                     retriever = build_retriever(RetrieverConfig(kind="bm25", index_dir=str(frun.ws.index_dir)), docs)
                     fict = read_jsonl(fdir / "questions.jsonl")
+                tcfg = train_config(r)
                 store = frun.ws.store(model_path, tcfg)  # every document, for the interference runs
                 rate = train_all(docs, augs, store, model_path, tcfg, store.root / "bench_timing.json")
-                metrics = run_eval(EvalConfig(out_dir=rdir, train=tcfg, **base), engine, model_path)
+                metrics = run_eval(EvalConfig(out_dir=rdir, train=tcfg, merge_policy=merge_policy(r), **base), engine,
+                                   model_path)
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": rate}
                 entry["interference"] = interference(engine, fict, docs, retriever, store, args.ks, rdir,
-                                                     args.max_tokens)
+                                                     args.max_tokens, merge_policy(r))
                 if 1 in args.ks:
                     entry["coverage"] = coverage(fict, augs, read_jsonl(rdir / "interference.jsonl"))
             else:
-                metrics = run_eval(EvalConfig(datasets=[args.wiki], out_dir=rdir, work_dir=work / "work",
-                                              per_type=args.wiki_per_type, modes=MODES, top_k=3, train=tcfg,
-                                              augment=acfg,
-                                              max_tokens=args.max_tokens), engine, model_path)
+                wiki = dict(datasets=[args.wiki], out_dir=rdir, work_dir=work / "work", per_type=args.wiki_per_type,
+                            modes=MODES, top_k=3, augment=acfg, max_tokens=args.max_tokens,
+                            merge_policy=merge_policy(r))
+                tcfg = train_config(r)
+                metrics = run_eval(EvalConfig(train=tcfg, **wiki), engine, model_path)
                 (ds,) = metrics["datasets"].values()
                 rate = (ds["offline"]["train_s_per_doc"].get(tcfg.recipe) or {}).get("random")
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None}
             entry.update(model=model_path.name, augment_model=aug_model,
-                         epochs=tcfg.epochs, loss_policy=tcfg.loss_policy, lr=tcfg.lr, augment_prompt=PROMPT_VERSION,
+                         epochs=tcfg.epochs, merge_partners=tcfg.merge_partners, merge_policy=merge_policy(r),
+                         loss_policy=tcfg.loss_policy, lr=tcfg.lr, augment_prompt=PROMPT_VERSION,
                          n_qa=args.n_qa, distinct_answers=args.distinct_answers, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             results[dataset][r] = entry
             atomic_write_json(out.with_suffix(".partial.json"), results)
@@ -289,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cache = Path(os.environ.get("PRAG_CACHE_DIR", "~/.cache/prag-vllm")).expanduser()
     p.add_argument("--jobs", default="fictional@default,2wiki@default,fictional@paper,2wiki@paper,fictional@distill",
-                   help="DATASET@RECIPE[:lr=..:epochs=..:loss=..], run in this order")
+                   help="DATASET@RECIPE[:lr=..:epochs=..:loss=..:partners=..:merge=sum|mean], run in this order")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--augment-model", default=None,
                    help="fictional jobs: train on the augmentations this model wrote (they must exist), so that "

@@ -17,6 +17,7 @@ from pathlib import Path
 from prag_vllm import logs
 from prag_vllm.cliargs import (
     PragParser,
+    add_merge_policy_argument,
     add_model_arguments,
     add_verbose_argument,
     engine_config,
@@ -77,8 +78,9 @@ def cmd_merge(args) -> int:
     missing = [d for d in args.doc_id if not store.has(d)]
     if missing:
         raise InputError(f"no adapter for document(s) {missing} in {store.root}")
-    merged = merge_adapters([store.load(d) for d in args.doc_id])
-    merged.meta = {"kind": "merged", "doc_ids": args.doc_id}
+    merged = merge_adapters([store.load(d) for d in args.doc_id], policy=args.merge_policy)
+    merged.meta = {"kind": "merged", "doc_ids": args.doc_id,
+                   **({"policy": args.merge_policy} if args.merge_policy != "sum" else {})}
     merged.save(args.out)
     print(f"merged {len(args.doc_id)} adapters into one rank-{merged.r} adapter at {args.out}")
     return 0
@@ -98,7 +100,8 @@ def cmd_answer(args) -> int:
     with executor_engine(executor, engine_config(args)) as engine:
         store = args.ws.store(model_path(args), train_config_from_args(args) if args.recipe else None)
         rag = ParametricRAG(retriever, store, engine,
-                            load_augmentations(args.ws.augmented), default_k=args.top_k)
+                            load_augmentations(args.ws.augmented), default_k=args.top_k,
+                            merge_policy=args.merge_policy)
         rows = rag.answer_file(questions, args.out, args.mode, batch_size=args.batch_size,
                                max_tokens=args.max_tokens)
     print(format_table(summarize(rows)))
@@ -120,7 +123,8 @@ def cmd_demo(args) -> int:
 
     train = train_config_from_args(args)  # bad recipe settings fail here, before any step runs
     return run_demo(args.ws, args.model, train, dtype=args.dtype, max_model_len=args.max_model_len,
-                    answer=not args.offline_only, model_dir=getattr(args, "model_path", None))
+                    answer=not args.offline_only, model_dir=getattr(args, "model_path", None),
+                    merge_policy=args.merge_policy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,12 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--doc-id", action="append", required=True)
     sp.add_argument("--store", default=None, help="adapter store (default: the workspace's for --model)")
     sp.add_argument("--out", required=True)
+    add_merge_policy_argument(sp)
     sp = add("answer", cmd_answer, "answer a JSON Lines file of questions")
     add_retriever_arguments(sp)
     sp.add_argument("--questions", required=True)
     sp.add_argument("--out", required=True, help="output JSON Lines (appended to; resumable)")
     sp.add_argument("--mode", type=modes, default=["parametric"], help="comma-separated modes or 'all'")
     sp.add_argument("--top-k", type=top_k, default=3)
+    add_merge_policy_argument(sp)
     sp.add_argument("--batch-size", type=positive, default=64)
     sp.add_argument("--max-tokens", type=positive, default=32)
     add_recipe_arguments(sp)
@@ -187,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("demo", cmd_demo, "the end-to-end demo on an invented corpus", corpus=False)
     sp.set_defaults(work_dir="runs/demo")
     add_recipe_arguments(sp)
+    add_merge_policy_argument(sp)
     sp.add_argument("--offline-only", action="store_true", help="index, augment and parameterize; answer nothing")
     add_eval_command(sub)
     add_bench_data_command(sub)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from prag_vllm.errors import InputError
+from prag_vllm.merge import DEFAULT_MERGE_POLICY
 
 DEFAULT_MAX_MODEL_LEN = 4096
 """``--max-model-len`` of every command that starts an engine."""
@@ -33,6 +34,17 @@ def positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
 
 
@@ -72,6 +84,13 @@ def modes(text: str) -> list[str]:
         except InputError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     return names
+
+
+def add_merge_policy_argument(parser: argparse.ArgumentParser) -> None:
+    """``--merge-policy``: how the top-k documents' adapters combine (merge.MERGE_POLICIES)."""
+    parser.add_argument("--merge-policy", choices=["sum", "mean"], default=DEFAULT_MERGE_POLICY,
+                        help="mean: the documents' updates averaged, each weighted 1/k (default, measured "
+                             "better: docs/recipes.md); sum: added up, as the PRAG paper")
 
 
 def add_verbose_argument(parser: argparse.ArgumentParser, top_level: bool = False) -> None:

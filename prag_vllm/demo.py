@@ -18,7 +18,8 @@ from pathlib import Path
 
 from prag_vllm import logs
 from prag_vllm.demo_data import DOCUMENTS, QUESTIONS
-from prag_vllm.fileio import atomic_write_text, read_jsonl
+from prag_vllm.fileio import atomic_write_json, atomic_write_text, read_jsonl
+from prag_vllm.merge import DEFAULT_MERGE_POLICY
 from prag_vllm.modes import MODES
 from prag_vllm.parameterize import TrainConfig
 from prag_vllm.workspace import Workspace
@@ -40,7 +41,7 @@ def _write_inputs(ws: Workspace) -> tuple[Path, Path]:
 
 def run_demo(ws: Workspace, model: str, train: TrainConfig | None = None, dtype: str = "auto",
              max_model_len: int = 4096, answer: bool = True, model_dir: str | os.PathLike | None = None,
-             engine=None) -> int:
+             engine=None, merge_policy: str = DEFAULT_MERGE_POLICY) -> int:
     """All steps; with ``answer=False`` only the offline ones (what ``make serve`` needs).
 
     ``train``: the training recipe (default: :class:`TrainConfig`'s); ``model_dir``: the
@@ -87,12 +88,29 @@ def run_demo(ws: Workspace, model: str, train: TrainConfig | None = None, dtype:
                       f"in {time.perf_counter() - t0:.0f} s")
             return 0
         answers = ws.root / "answers.jsonl"
+        _set_aside_other_answers(answers, {"adapters": store.root.name, "merge_policy": merge_policy})
         questions = load_questions(questions_path)
         logs.step(f"[4/{n}] answer: {len(questions)} questions x {len(MODES)} modes, top-{TOP_K} -> {answers}")
-        rag = ParametricRAG(retriever, store, engine, augs, default_k=TOP_K)
+        rag = ParametricRAG(retriever, store, engine, augs, default_k=TOP_K, merge_policy=merge_policy)
         rag.answer_file(questions, answers, list(MODES))
     print_results(ws, model, read_jsonl(answers), time.perf_counter() - t0)
     return 0
+
+
+def _set_aside_other_answers(answers: Path, settings: dict) -> None:
+    """Answers resume only under the settings they were made with (adapter set, merge policy,
+    recorded beside them): answers of other settings are renamed aside, not reused or lost."""
+    import hashlib
+
+    side = answers.with_name("answers.settings.json")
+    old = json.loads(side.read_text()) if side.is_file() else None
+    if answers.is_file() and old != settings:
+        digest = hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:8]
+        kept = answers.with_name(f"answers-before-{digest}.jsonl")
+        os.replace(answers, kept)
+        logs.step(f"      answers made with other settings kept as {kept.name}")
+    if old != settings:
+        atomic_write_json(side, settings)
 
 
 def print_results(ws: Workspace, model: str, rows: list[dict], seconds: float) -> None:

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prag_vllm.cliargs import non_negative, positive
+from prag_vllm.cliargs import count, non_negative, positive
 from prag_vllm.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -79,13 +79,18 @@ def add_recipe_arguments(sp: argparse.ArgumentParser) -> None:
                     help="full, content or answer: which tokens carry loss (default: the recipe's)")
     sp.add_argument("--epochs", type=positive, default=None, help="default: the recipe's")
     sp.add_argument("--lr", type=non_negative, default=None, help="default: the recipe's (3e-4)")
+    sp.add_argument("--merge-partners", type=count, default=0, metavar="N",
+                    help="merge-aware training (experimental: measured worse, docs/recipes.md): each step merges "
+                         "N other documents' adapters (trained alone first, frozen) into the document's own, as "
+                         "top-(N+1) answering does (batched trainer). Default 0: off")
 
 
 def train_config_from_args(args, **extra):
     """The :class:`~prag_vllm.parameterize.TrainConfig` of the recipe flags."""
     from prag_vllm.parameterize import TrainConfig
 
-    return TrainConfig(recipe=args.recipe, loss_policy=args.loss_policy, epochs=args.epochs, lr=args.lr, **extra)
+    return TrainConfig(recipe=args.recipe, loss_policy=args.loss_policy, epochs=args.epochs, lr=args.lr,
+                       merge_partners=getattr(args, "merge_partners", 0), **extra)
 
 
 def add_parameterize_arguments(sp: argparse.ArgumentParser) -> None:
@@ -154,6 +159,10 @@ def run_parameterize(args, model_path) -> int:
     from prag_vllm.training.trainer import BatchConfig
 
     executor = executor_config_from_args(args)
+    if args.merge_partners and args.trainer != "batched":
+        raise InputError("--merge-partners runs in the batched trainer; leave out --trainer per-doc")
+    if executor.kind != "local" and args.merge_partners:
+        raise InputError(f"--merge-partners trains on the local executor; leave out --executor {executor.kind}")
     if executor.kind != "local" and args.trainer != "batched":
         raise InputError(f"--executor {executor.kind} runs the batched trainer; leave out --trainer {args.trainer}")
     docs = args.shard.select(load_corpus(args.corpus)[: args.limit])

@@ -60,6 +60,14 @@ class TrainConfig:
     this CPU at batch 1) or ``float32`` (exact; used by the equivalence tests)."""
     distill_top_k: int = 32
     """``distill``: teacher probabilities kept per answer token (the rest as one bucket)."""
+    merge_partners: int = 0
+    """Merge-aware training (batched trainer): every step merges this many other documents'
+    frozen adapters into the document's own and adds one QA pair of each
+    (:mod:`prag_vllm.training.partners`). 0: off, each adapter trains alone."""
+    partner_adapters: str | None = None
+    """``merge_partners``: the adapter set (a store directory) the partners come from. None: the
+    set of the same settings without partners, beside the one being trained (trained first
+    where it lacks documents)."""
 
     def __post_init__(self) -> None:
         recipe = get_recipe(self.recipe)
@@ -77,6 +85,8 @@ class TrainConfig:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.lr >= 0:
             raise InputError(f"lr must not be negative, got {self.lr}")
+        if not isinstance(self.merge_partners, int) or self.merge_partners < 0:
+            raise InputError(f"merge_partners must be a non-negative integer, got {self.merge_partners!r}")
 
     @property
     def spec(self) -> Recipe:
@@ -133,6 +143,8 @@ class DocumentTrainer:
         self.cfg = cfg or TrainConfig()
         if self.cfg.spec.distill:
             raise InputError(f"recipe {self.cfg.recipe!r} needs a teacher: train it with the batched trainer")
+        if self.cfg.merge_partners:
+            raise InputError("merge-aware training (merge_partners) runs in the batched trainer only")
         self.model_path = str(model_path)
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(self.model_path)
         if self.tokenizer.pad_token_id is None:
@@ -209,7 +221,10 @@ class DocumentTrainer:
 
 def recipe_meta(cfg: TrainConfig) -> dict:
     """What an adapter's metadata records of how it was trained."""
-    return {"recipe": cfg.recipe, "loss_policy": cfg.loss_policy, "epochs": cfg.epochs, "lr": cfg.lr}
+    meta = {"recipe": cfg.recipe, "loss_policy": cfg.loss_policy, "epochs": cfg.epochs, "lr": cfg.lr}
+    if cfg.merge_partners:  # the partner set's name is added by the trainer that loaded it
+        meta["merge_partners"] = cfg.merge_partners
+    return meta
 
 
 def parameterize_corpus(docs: list[Document], augmentations: dict[str, Augmentation], store: AdapterStore,

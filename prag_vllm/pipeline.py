@@ -18,7 +18,7 @@ from prag_vllm.audit import AnswerAudit, count
 from prag_vllm.augment import Augmentation
 from prag_vllm.errors import InputError
 from prag_vllm.fileio import JsonlAppender, read_jsonl
-from prag_vllm.merge import MergedAdapterCache
+from prag_vllm.merge import DEFAULT_MERGE_POLICY, MergedAdapterCache
 from prag_vllm.metrics import best_scores, extract_answer
 from prag_vllm.modes import MODES, get_mode
 from prag_vllm.retrieve import DEFAULT_TOP_K, Retriever, check_top_k
@@ -99,10 +99,10 @@ class ParametricRAG:
     """The Retrieve-Update-Generate loop over one retriever, adapter store and engine."""
 
     def __init__(self, retriever: Retriever, store: AdapterStore, engine, augmentations: dict[str, Augmentation] | None = None,
-                 default_k: int = DEFAULT_TOP_K):
+                 default_k: int = DEFAULT_TOP_K, merge_policy: str = DEFAULT_MERGE_POLICY):
         self.retriever = retriever
         self.store = store
-        self.merged = MergedAdapterCache(store)
+        self.merged = MergedAdapterCache(store, policy=merge_policy)
         self.engine = engine
         self.augmentations = augmentations or {}
         self.default_k = check_top_k(default_k)

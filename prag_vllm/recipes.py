@@ -279,3 +279,9 @@ def get_recipe(name: object) -> Recipe:
     if not isinstance(name, str) or name not in RECIPES:
         raise InputError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     return RECIPES[name]
+
+
+def answer_example(tokenizer, question: str, answer: str, *, max_length: int = 512) -> Example:
+    """A bare-question QA turn as the answering modes ask it, with loss on the answer and its
+    end of turn only (merge-aware training's partner questions, :mod:`prag_vllm.training.partners`)."""
+    return make_example(tokenizer, _ask(tokenizer, question, answer), "answer", max_length=max_length)

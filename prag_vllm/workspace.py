@@ -35,7 +35,27 @@ def training_settings(cfg: TrainConfig) -> dict:
                 "seed": cfg.seed, "precision": cfg.precision, "init": init, "augment_prompt": PROMPT_VERSION}
     if cfg.spec.distill:
         settings["distill_top_k"] = cfg.distill_top_k
+    if cfg.merge_partners:  # the partner set by its key (directory name), not by where it lies
+        settings.update(merge_partners=cfg.merge_partners, partners=partner_key(cfg))
     return settings
+
+
+def partner_config(cfg: TrainConfig) -> TrainConfig:
+    """The settings of a merge-aware set's partner set by default: ``cfg`` trained alone."""
+    from dataclasses import replace
+
+    return replace(cfg, merge_partners=0, partner_adapters=None)
+
+
+def partner_key(cfg: TrainConfig) -> str:
+    """The partner set's directory name (its training key): what a merge-aware set's key records of it."""
+    return Path(cfg.partner_adapters).name if cfg.partner_adapters else training_key(partner_config(cfg))
+
+
+def partner_root(cfg: TrainConfig, store: AdapterStore) -> Path:
+    """Where ``cfg``'s partner adapters are: ``cfg.partner_adapters``, or the set of
+    :func:`partner_config` beside ``store`` (a workspace keeps its sets side by side)."""
+    return Path(cfg.partner_adapters) if cfg.partner_adapters else store.root.parent / partner_key(cfg)
 
 
 def training_key(cfg: TrainConfig) -> str:
@@ -43,7 +63,19 @@ def training_key(cfg: TrainConfig) -> str:
     :func:`training_settings` -- two recipes, or two settings of one, never share adapters."""
     settings = training_settings(cfg)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.recipe}-r{cfg.rank}-e{cfg.epochs}-{settings['init'].split(':')[0]}-{digest}"
+    merged = f"-m{cfg.merge_partners}" if cfg.merge_partners else ""
+    return f"{cfg.recipe}-r{cfg.rank}-e{cfg.epochs}-{settings['init'].split(':')[0]}{merged}-{digest}"
+
+
+def keyed_store(root: Path, cfg: TrainConfig) -> AdapterStore:
+    """The adapter set at ``root``, trained under ``cfg``: its ``train_config.json`` is written
+    on first use (the settings, for ``Workspace.store`` to find the set by)."""
+    if not (root / TRAIN_CONFIG_FILE).is_file():
+        try:
+            atomic_write_json(root / TRAIN_CONFIG_FILE, training_settings(cfg))
+        except OSError as exc:
+            raise InputError(f"the adapter store {root} is not writable here: {exc.strerror or exc}") from None
+    return AdapterStore(root)
 
 
 @dataclass(frozen=True)
@@ -85,10 +117,4 @@ class Workspace:
                 logger.warning("adapter sets in %s: %s; using the default training settings' (%s)",
                                base, ", ".join(p.name for p in sets), default.name)
             return AdapterStore(default)
-        root = base / training_key(cfg)
-        if not (root / TRAIN_CONFIG_FILE).is_file():
-            try:
-                atomic_write_json(root / TRAIN_CONFIG_FILE, training_settings(cfg))
-            except OSError as exc:
-                raise InputError(f"the adapter store {root} is not writable here: {exc.strerror or exc}") from None
-        return AdapterStore(root)
+        return keyed_store(base / training_key(cfg), cfg)

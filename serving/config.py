@@ -10,6 +10,7 @@ from pathlib import Path
 import tomllib
 
 from prag_vllm.errors import InputError
+from prag_vllm.merge import DEFAULT_MERGE_POLICY
 from prag_vllm.retrieve import DEFAULT_TOP_K, MAX_TOP_K
 
 
@@ -51,6 +52,8 @@ class ServerConfig:
     """Documents retrieved per request unless the request says otherwise."""
     max_top_k: int = 16
     """Largest top-k a request may ask for."""
+    merge_policy: str = DEFAULT_MERGE_POLICY
+    """How the top-k documents' adapters combine: ``mean`` of their updates (default) or ``sum`` (PRAG)."""
     dtype: str = "auto"
     """vLLM dtype: ``bfloat16``, ``float32`` (exactness checks) or ``auto`` (bf16 where the
     machine multiplies it natively, else float32)."""
@@ -104,9 +107,11 @@ class ServerConfig:
     (read-only) work dir each give their own."""
 
     def validate(self) -> ServerConfig:
+        from prag_vllm.merge import check_merge_policy
         from prag_vllm.modes import get_mode
 
         get_mode(self.default_mode)
+        check_merge_policy(self.merge_policy)
         if not 1 <= self.max_top_k <= MAX_TOP_K:
             raise InputError(f"max_top_k must be between 1 and {MAX_TOP_K}, got {self.max_top_k}")
         if not 1 <= self.default_top_k <= self.max_top_k:

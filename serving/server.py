@@ -113,7 +113,7 @@ class Server:
             await self.engine.load_adapter(entry.lora_name, entry.lora_id, entry.path)
 
         merged = MergedAdapterLRU(docs, self.cache_root, cfg.cache_max_entries, cfg.cache_max_bytes, on_evict=unload,
-                                  worker_merge=worker_merge, load=load)
+                                  worker_merge=worker_merge, load=load, policy=cfg.merge_policy)
         metrics = ServerMetrics()
         metrics.doc_adapters.set_function(docs.__len__)
         return RAGService(self.retriever, docs, merged, self.engine, AutoTokenizer.from_pretrained(self.model_path),

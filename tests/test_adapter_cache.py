@@ -189,6 +189,9 @@ def test_config_file_and_flags(tmp_path):
     assert config_from_args(p.parse_args(["--enable-prefix-caching", "0"])).enable_prefix_caching == 0
     with pytest.raises(InputError, match="preload_adapters must be 0 or 1"):
         config_from_args(p.parse_args(["--preload-adapters", "3"]))
+    assert config_from_args(p.parse_args(["--merge-policy", "mean"])).merge_policy == "mean"
+    with pytest.raises(InputError, match="unknown merge policy"):
+        config_from_args(p.parse_args(["--merge-policy", "median"]))
 
 
 def test_parallel_reads_and_preload(caches, tmp_path):

@@ -85,9 +85,14 @@ def test_merge_command(tiny_model_dir, tmp_path):
     store = AdapterStore(tmp_path / "store")
     for i, d in enumerate(("a", "b", "c")):
         store.save(d, random_adapter(tiny_model_dir, seed=i))
-    res = prag("merge", "--store", store.root, "--doc-id", "a", "--doc-id", "c", "--out", tmp_path / "m")
+    res = prag("merge", "--store", store.root, "--doc-id", "a", "--doc-id", "c", "--out", tmp_path / "m",
+               "--merge-policy", "sum")
     assert res.returncode == 0, res.stderr
     assert LoraAdapter.load(tmp_path / "m").r == 4
+    res = prag("merge", "--store", store.root, "--doc-id", "a", "--doc-id", "c", "--out", tmp_path / "mean")
+    assert res.returncode == 0, res.stderr  # mean: the default
+    mean = LoraAdapter.load(tmp_path / "mean")
+    assert mean.meta["policy"] == "mean" and mean.scaling == pytest.approx(LoraAdapter.load(tmp_path / "m").scaling / 2)
     res = prag("merge", "--store", store.root, "--doc-id", "a", "--doc-id", "zzz", "--out", tmp_path / "m2")
     assert_one_line_error(res, "no adapter for document(s) ['zzz']")
     assert not (tmp_path / "m2").exists()
@@ -103,6 +108,9 @@ def test_index_command(files):
     ("parameterize", ["--recipe", "nope"], "unknown recipe"),
     ("parameterize", ["--loss-policy", "half"], "unknown loss policy"),
     ("parameterize", ["--epochs", "0"], "positive integer"),
+    ("parameterize", ["--merge-partners", "-1"], "whole number >= 0"),
+    ("parameterize", ["--merge-partners", "2", "--trainer", "per-doc"], "batched trainer"),
+    ("eval", ["--merge-partners", "two"], "whole number >= 0"),
     ("demo", ["--recipe", "nope"], "unknown recipe"),
     ("eval", ["--recipe", "nope"], "unknown recipe"),
     ("eval", ["--loss-policy", "half"], "unknown loss policy"),

@@ -162,6 +162,11 @@ def test_demo_one_process_resumable(tiny_model_dir, tmp_path, capsys):
     assert out.split("total")[1] == capsys.readouterr().out.split("total")[1]
     assert run_demo(ws, "tiny", train, model_dir=tiny_model_dir, answer=False, engine=again) == 0  # make serve
     assert again.calls == 0
+    # other answering settings: the answers of before are kept aside, not reused
+    other = FakeEngine()
+    assert run_demo(ws, "tiny", train, model_dir=tiny_model_dir, engine=other, merge_policy="sum") == 0
+    assert other.calls > 0 and len(list(ws.root.glob("answers-before-*.jsonl"))) == 1
+    assert json.loads((ws.root / "answers.settings.json").read_text())["merge_policy"] == "sum"
 
 
 def test_demo_offline_only_first_run(tiny_model_dir, tmp_path):

@@ -210,6 +210,7 @@ def test_single_recipe_out_dir_is_migrated(tmp_path):
     (["--dataset", "{hot}", "--per-type", "1,2"], "2 counts for 1 datasets"),
     (["--dataset", "{hot}", "--per-type", "0"], "must be positive"),
     (["--dataset", "{hot}", "--per-type", "two"], "one per dataset"),
+    (["--dataset", "{hot}", "--merge-policy", "median"], "invalid choice"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, hotpot_file, capsys, extra, needle):
     popqa = tmp_path / "popqa.jsonl"

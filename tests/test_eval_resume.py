@@ -104,7 +104,8 @@ def loads(monkeypatch):
 
 def _cfg(data, out, work, recipes, **kw):
     trains = [TrainConfig(recipe=r, epochs=1, max_length=128, precision="float32") for r in recipes]
-    return EvalConfig(datasets=[str(data)], out_dir=out, work_dir=work, limit=4, top_k=1, train=trains,
+    kw.setdefault("top_k", 1)
+    return EvalConfig(datasets=[str(data)], out_dir=out, work_dir=work, limit=4, train=trains,
                       augment=AugmentConfig(n_rewrites=1, n_qa=1, max_retries=0), batch_size=8, max_tokens=8, **kw)
 
 
@@ -242,3 +243,27 @@ def test_augment_model_trains_on_another_models_augmentations(tmp_path, hotpot_f
     assert engine.chats == 0, "the other model's augmentations are used as they are"
     assert all(n == 0 for _, n in trained), "same training text: the adapters are the same"
     assert json.loads((tmp_path / "c" / "run_config.json").read_text())["augment_model"] == "bigger-model"
+
+
+def test_merge_policy_mean_reaches_the_merged_adapters(tmp_path, hotpot_file, tiny_model_dir, trained):
+    """``merge_policy="mean"`` (the default): every merge of k > 1 adapters the engine gets is their
+    mean, and the run records the policy (a ``sum`` run does not, so runs from before resume)."""
+    from prag_vllm.adapters import LoraAdapter
+
+    work, modes = tmp_path / "work", ["parametric"]
+    kw = dict(modes=modes, top_k=2)
+    engine = FakeEngine()
+    run_eval(_cfg(hotpot_file, tmp_path / "a", work, ["default"], merge_policy="sum", **kw), engine, tiny_model_dir)
+    assert "merge_policy" not in json.loads((tmp_path / "a" / "run_config.json").read_text())
+    assert all("policy" not in LoraAdapter.load(p).meta and LoraAdapter.load(p).scaling == 16.0
+               for p in set(engine.adapters))
+    engine = FakeEngine()
+    run_eval(_cfg(hotpot_file, tmp_path / "b", work, ["default"], **kw), engine, tiny_model_dir)
+    assert json.loads((tmp_path / "b" / "run_config.json").read_text())["merge_policy"] == "mean"
+    merged = [LoraAdapter.load(p) for p in set(engine.adapters)]
+    assert merged and all(m.r == 4 and m.meta["policy"] == "mean" for m in merged)
+    assert all(m.scaling == pytest.approx(16.0 / 2) for m in merged)
+    with pytest.raises(InputError, match="unknown merge policy"):
+        run_eval(_cfg(hotpot_file, tmp_path / "c", work, ["default"], merge_policy="max", **kw), FakeEngine(),
+                 tiny_model_dir)
+    assert not (tmp_path / "c").exists()

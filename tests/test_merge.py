@@ -1,5 +1,7 @@
 """Exact merge: ΔW of the merged rank-2k adapter equals the sum of the k per-document ΔW."""
 
+import hashlib
+
 import pytest
 import torch
 
@@ -89,3 +91,26 @@ def test_cache_key_and_reuse(tiny_model_dir, tmp_path):
     assert cache.get(["a", "b"]) == p1 and (p1 / "adapter_model.safetensors").stat().st_mtime_ns == mtime
     merged = LoraAdapter.load(p1)
     assert merged.r == 4 and merged.meta["doc_ids"] == ["a", "b"]
+
+
+def test_mean_policy_is_the_mean_update_with_factors_untouched(tiny_model_dir, tmp_path):
+    from prag_vllm.errors import InputError
+
+    ads = [random_adapter(tiny_model_dir, seed=s) for s in range(3)]
+    for ad in ads:
+        ad.weights = {m: (a.bfloat16(), b.bfloat16()) for m, (a, b) in ad.weights.items()}
+    mean, total = merge_adapters(ads, policy="mean"), merge_adapters(ads)
+    assert mean.r == total.r == 6 and mean.scaling == pytest.approx(total.scaling / 3)
+    for module in ads[0].weights:
+        assert all(torch.equal(x, y) for x, y in zip(mean.weights[module], total.weights[module]))  # exact in bf16
+        expected = sum(a.delta(module).float() for a in ads) / 3
+        assert torch.allclose(mean.delta(module).float(), expected, atol=1e-4, rtol=1e-2)
+    one = merge_adapters(ads[:1], policy="mean")  # k = 1: the adapter itself
+    assert one.scaling == ads[0].scaling
+    # cache: the sum key is the one of before (existing caches stay valid), mean has its own
+    assert merged_key(["b", "a"]) == merged_key(["a", "b"], "sum") == hashlib.sha256(b"a\x00b\x00").hexdigest()[:32]
+    assert merged_key(["a", "b"], "mean") != merged_key(["a", "b"])
+    with pytest.raises(InputError, match="unknown merge policy"):
+        merged_key(["a"], "median")
+    with pytest.raises(InputError, match="unknown merge policy"):
+        MergedAdapterCache(None, root=tmp_path, policy="max")

@@ -192,3 +192,34 @@ def test_part_cache_keeps_factors_in_the_slots_dtype_with_b_as_words(store, tmp_
     assert len(cache) == 3
     cache.keep_as(torch.bfloat16)
     assert len(cache) == 0 and cache.document(ads[0].source, 2, 32.0)[0].weights[m][0].dtype == torch.bfloat16
+
+
+def test_mean_policy_in_the_server_lru_and_the_worker(store, tiny_model_dir, tmp_path):
+    """``merge_policy="mean"`` in the server: the file it writes and the manifest the worker merges
+    are both ``merge_adapters(..., policy="mean")``; the worker's part cache folds one document
+    per alpha, so mean and sum merges sharing it do not mix."""
+    from transformers import AutoConfig
+
+    from prag_vllm.ffn import ffn_shapes
+    from serving.adapters.doc_cache import DocAdapterCache
+    from serving.adapters.merged_cache import MergedAdapterLRU
+
+    shapes = ffn_shapes(AutoConfig.from_pretrained(tiny_model_dir))
+    ids = ["d0", "d1", "d2"]
+    mean = merge_adapters([store.load(i) for i in ids], fold_scaling=True, policy="mean")
+    total = merge_adapters([store.load(i) for i in ids[:2]], fold_scaling=True)
+    cache = PartCache(64 << 20)
+    for worker in (False, True):
+        docs = DocAdapterCache(store, shapes, 8, keep_tensors=not worker)
+        lru = MergedAdapterLRU(docs, tmp_path / f"merged{worker}", 8, 1 << 30, worker_merge=worker, policy="mean")
+        summed = MergedAdapterLRU(docs, tmp_path / f"summed{worker}", 8, 1 << 30, worker_merge=worker)
+        (entry, _, _), (other, _, _) = asyncio.run(lru.acquire(ids)), asyncio.run(summed.acquire(ids[:2]))
+        if worker:
+            _same(merge_from_manifest(entry.path, cache.load), mean)
+            _same(merge_from_manifest(other.path, cache.load), total)
+        else:
+            _same(LoraAdapter.load(entry.path), mean)
+            _same(LoraAdapter.load(other.path), total)
+    assert len(cache) == 5  # d0 and d1 each folded twice: at alpha / 3 and at alpha
+    with pytest.raises(Exception, match="unknown merge policy"):
+        MergedAdapterLRU(docs, tmp_path / "x", 8, 1 << 30, policy="median")

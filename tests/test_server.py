@@ -76,14 +76,14 @@ def test_completions_streaming_and_not(client):
 def test_adapter_is_the_exact_merge(client, server, vllm_engine, tmp_path):
     """The server's parametric answer equals the offline engine with the merge of the same documents."""
     from prag_vllm.corpus import Document
-    from prag_vllm.merge import merge_adapters
+    from prag_vllm.merge import DEFAULT_MERGE_POLICY, merge_adapters
     from prag_vllm.modes import MODES as MODE_OBJS
 
     q = "Which town has the Uskor festival and the Fennick festival?"
     r = _ask(client, q, "parametric", max_tokens=16)
     info = r.model_extra["prag"]
     assert len(info["parametric"]) >= 1 and info["adapter"]["worker_merge"]  # built in vLLM's worker
-    merged = merge_adapters([server["store"].load(d) for d in info["parametric"]])
+    merged = merge_adapters([server["store"].load(d) for d in info["parametric"]], policy=DEFAULT_MERGE_POLICY)
     path = merged.save(tmp_path / "merged", dtype=next(iter(merged.weights.values()))[0].dtype)
     in_ctx = [Document(**server["docs"][d]) for d in info["in_context"]]
     offline = vllm_engine.generate([MODE_OBJS["parametric"].messages(q, in_ctx)], [path], max_tokens=16)[0]

@@ -6,7 +6,15 @@ import argparse
 import logging
 from pathlib import Path
 
-from prag_vllm.cliargs import LazyEngine, add_model_arguments, model_path, modes, positive, top_k
+from prag_vllm.cliargs import (
+    LazyEngine,
+    add_merge_policy_argument,
+    add_model_arguments,
+    model_path,
+    modes,
+    positive,
+    top_k,
+)
 
 __all__ = ["LazyEngine", "add_eval_command", "cmd_eval"]
 logger = logging.getLogger(__name__)
@@ -25,12 +33,10 @@ def _inits(text: str) -> list[str]:
 def _sizes(text: str) -> list[int]:
     """argparse type: one positive count, or one per ``--dataset`` in order (``15,30``)."""
     try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or N,M,... (one per dataset), got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"counts must be positive, got {text!r}")
-    return values
+        return [positive(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"counts must be positive: expected N or N,M,... (one per dataset), "
+                                         f"got {text!r}") from None
 
 
 def _one_or_list(values: list[int] | None) -> int | list[int] | None:
@@ -74,6 +80,7 @@ def add_eval_command(sub) -> None:
                    help="first N questions of each sub-type; N,M,... gives one count per --dataset, in order")
     sp.add_argument("--mode", type=modes, default=modes("all"), help="comma-separated modes or 'all' (default)")
     sp.add_argument("--top-k", type=top_k, default=3)
+    add_merge_policy_argument(sp)
     sp.add_argument("--init", type=_inits, default=["random"], help="LoRA init(s): random, warmup or random,warmup")
     add_recipe_arguments(sp)
     sp.add_argument("--recipe", type=_recipes, default=["default"],
@@ -101,7 +108,7 @@ def cmd_eval(args) -> int:
 
     cfg = EvalConfig(datasets=args.dataset, out_dir=Path(args.out), work_dir=Path(args.work_dir) if args.work_dir else None,
                      corpus=args.corpus, limit=args.limit, per_type=_one_or_list(args.per_type), modes=args.mode,
-                     top_k=args.top_k,
+                     top_k=args.top_k, merge_policy=args.merge_policy,
                      inits=args.init,
                      train=[train_config_from_args(argparse.Namespace(**{**vars(args), "recipe": r}))
                             for r in args.recipe],

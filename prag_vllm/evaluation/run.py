@@ -36,6 +36,7 @@ from prag_vllm.datasets import Dataset, load_dataset, select_questions, subtype_
 from prag_vllm.errors import InputError
 from prag_vllm.evaluation.report import write_outputs
 from prag_vllm.evaluation.settings import INITS, Timings, answer_log, check_settings, train_settings
+from prag_vllm.merge import DEFAULT_MERGE_POLICY
 from prag_vllm.modes import MODES, get_mode
 from prag_vllm.parameterize import TrainConfig
 from prag_vllm.pipeline import Question
@@ -69,6 +70,8 @@ class EvalConfig:
     """Answering modes."""
     top_k: int = 3
     """Documents retrieved per question."""
+    merge_policy: str = DEFAULT_MERGE_POLICY
+    """How the retrieved documents' adapters combine: ``mean`` (default) or ``sum`` (PRAG; merge.MERGE_POLICIES)."""
     inits: list[str] = field(default_factory=lambda: ["random"])
     """LoRA initializations to compare: ``random`` and/or ``warmup`` (paper Table 2)."""
     train: TrainConfig | list[TrainConfig] = field(default_factory=TrainConfig)
@@ -128,6 +131,14 @@ def train_adapters(docs, augmentations, store, model_path, cfg: TrainConfig) -> 
     return parameterize_batched(docs, augmentations, store, model_path, cfg)
 
 
+def check_borrowed_augmentations(missing: list, augment_model: str, path: Path, what: str = "documents") -> None:
+    """Augmentations another model wrote are only read (``augment_model``): :class:`InputError`
+    when ``missing`` (documents without one in ``path``) is not empty."""
+    if missing:
+        raise InputError(f"{what}: {len(missing)} have no augmentation by {augment_model} in {path}; "
+                         f"run with --model {augment_model} first, or drop augment_model")
+
+
 def _parse_dataset_arg(spec: str) -> tuple[str | None, str]:
     from prag_vllm.datasets import FORMATS
 
@@ -138,12 +149,14 @@ def _parse_dataset_arg(spec: str) -> tuple[str | None, str]:
 def prepare(cfg: EvalConfig) -> list[DatasetRun]:
     """Validate the configuration and load every dataset (no model is touched)."""
     from prag_vllm.corpus import load_corpus
+    from prag_vllm.merge import check_merge_policy
 
     if not cfg.datasets:
         raise InputError("give at least one dataset file")
     for m in cfg.modes:
         get_mode(m)
     check_top_k(cfg.top_k)
+    check_merge_policy(cfg.merge_policy)
     bad = [i for i in cfg.inits if i not in INITS]
     if bad or not cfg.inits:
         raise InputError(f"unknown LoRA init {bad or cfg.inits}; choose from {', '.join(INITS)}")
@@ -212,6 +225,8 @@ def _settings(cfg: EvalConfig, runs: list[DatasetRun], model_name: str) -> dict:
            "datasets": {r.name: str(r.data.path.resolve()) for r in runs}}
     if cfg.augment_model and cfg.augment_model != model_name:
         out["augment_model"] = cfg.augment_model
+    if cfg.merge_policy != "sum":  # added later: recorded only when set, so older runs resume
+        out["merge_policy"] = cfg.merge_policy
     return out
 
 
@@ -280,9 +295,8 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
         path = _augmentations_path(run, cfg.augment_model or model_name, cfg.augment)
         augs[run.name] = load_augmentations(path)
         todo = [d for d in needed.get(run.name, []) if d.id not in augs[run.name]] if needs_aug else []
-        if todo and cfg.augment_model not in (None, model_name):
-            raise InputError(f"{run.name}: {len(todo)} retrieved documents have no augmentation by "
-                             f"{cfg.augment_model} in {path}; run with that model first, or drop augment_model")
+        if cfg.augment_model not in (None, model_name):
+            check_borrowed_augmentations(todo, cfg.augment_model, path, what=f"{run.name}: retrieved documents")
         if todo:
             t0 = time.perf_counter()
             augs[run.name] = augment_corpus(todo, engine, path, cfg.augment)
@@ -320,7 +334,8 @@ def run_eval(cfg: EvalConfig, engine, model_path: str | os.PathLike | None = Non
         jobs += [(answer_log(out, run.name, tcfg.recipe, init), adapter_modes, stores[run.name, tcfg.recipe, init])
                  for tcfg, init in _adapter_sets(cfg) if adapter_modes]
         for log, modes, store in jobs:
-            rag = ParametricRAG(retriever, store, engine, augs[run.name], default_k=cfg.top_k)
+            rag = ParametricRAG(retriever, store, engine, augs[run.name], default_k=cfg.top_k,
+                                merge_policy=cfg.merge_policy)
             logger.info("%s: answering %s (%s)", run.name, ", ".join(modes), log.stem)
             rag.answer_file(run.questions, log, modes, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens)
 

@@ -30,7 +30,12 @@ def train_settings(tcfg) -> dict:
     run_config.json and metrics.json (the warm-up adapter's path is per init, not a setting)."""
     from dataclasses import asdict
 
-    return {k: v for k, v in asdict(tcfg).items() if k != "warmup_adapter"}
+    out = {k: v for k, v in asdict(tcfg).items() if k not in ("warmup_adapter", "merge_partners", "partner_adapters")}
+    if tcfg.merge_partners:  # added later: recorded only when set, so older runs resume
+        from prag_vllm.workspace import partner_key
+
+        out.update(merge_partners=tcfg.merge_partners, partner_adapters=partner_key(tcfg))
+    return out
 
 
 def answer_log(out: Path, dataset: str, recipe: str | None = None, init: str | None = None) -> Path:

@@ -19,7 +19,9 @@ from prag_vllm.adapters import AdapterStore
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
 from prag_vllm.parameterize import TrainConfig, source_digest
+from prag_vllm.training.partners import PartnerBank
 from prag_vllm.training.trainer import BatchConfig, BatchedTrainer
+from prag_vllm.workspace import keyed_store, partner_config, partner_root
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,17 @@ def parameterize_batched(docs: list[Document], augmentations: dict[str, Augmenta
                     summary["skipped"], len(docs))
     if not todo:
         return summarize(summary)
-    trainer = trainer or BatchedTrainer(model_path, cfg, batch)
+    cfg = cfg or TrainConfig()
+    partners = None
+    if cfg.merge_partners and trainer is None:
+        root = partner_root(cfg, store)
+        if not cfg.partner_adapters:  # the default partner set: every document trained alone first
+            logger.info("merge-aware training: the partner set first, %s", root)
+            alone = partner_config(cfg)
+            parameterize_batched(docs, augmentations, keyed_store(root, alone), model_path, alone, batch,
+                                 progress=progress)
+        partners = PartnerBank.load(root, docs, augmentations, scaling=cfg.alpha / cfg.rank, seed=cfg.seed)
+    trainer = trainer or BatchedTrainer(model_path, cfg, batch, partners=partners)
     raced = []
 
     def still_todo():

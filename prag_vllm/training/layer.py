@@ -11,6 +11,10 @@ computed with two batched matmuls (``torch.bmm``) on the gathered factors. The
 arithmetic is PEFT's (``result + lora_B(lora_A(x)) * scaling``), so a row's output and
 its gradients equal those of a one-document PEFT model up to float rounding, and the
 gradient of slot ``d`` comes only from rows of slot ``d``.
+
+Merge-aware training (:mod:`prag_vllm.training.partners`) adds frozen partner factors to
+a row's own, ranks concatenated as in :func:`prag_vllm.merge.merge_adapters`, so the row
+sees the exact merge of its document's adapter with its partners'.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class SlotRouter:
         """``[N]`` slot index per batch row, set by the trainer before each forward."""
         self.bypass: bool = False
         """True: every layer computes the frozen base model alone (a distillation teacher)."""
+        self.partners: torch.Tensor | None = None
+        """``[N, n]`` merge-aware training: per batch row, the partner adapters merged into its
+        slot's (rows of every layer's ``partner_A``/``partner_B``); None: none."""
 
 
 class StackedLoraLinear(nn.Module):
@@ -45,6 +52,10 @@ class StackedLoraLinear(nn.Module):
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.zeros(slots, rank, base.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(slots, base.out_features, rank, device=dev))
+        self.partner_A: torch.Tensor | None = None
+        """Frozen partner factors ``[M, r, in]`` (merge-aware training), same scaling as the slots."""
+        self.partner_B: torch.Tensor | None = None
+        """Frozen partner factors ``[M, out, r]``."""
 
     def reset_slot(self, slot: int, init: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """PEFT's default init (A Kaiming-uniform from the global RNG, B zero), or copy ``init``."""
@@ -71,6 +82,11 @@ class StackedLoraLinear(nn.Module):
             raise RuntimeError(f"StackedLoraLinear: expected [{rows.shape[0]}, L, in] input, got {tuple(x.shape)}")
         a = self.lora_A.index_select(0, rows)  # [N, r, in]
         b = self.lora_B.index_select(0, rows)  # [N, out, r]
+        if self.router.partners is not None:  # the exact merge of merge.py: ranks concatenated
+            n, k = self.router.partners.shape
+            pa = self.partner_A[self.router.partners].reshape(n, k * self.rank, -1)  # [N, k r, in]
+            pb = self.partner_B[self.router.partners].permute(0, 2, 1, 3).reshape(n, b.shape[1], k * self.rank)
+            a, b = torch.cat([a, pa], dim=1), torch.cat([b, pb], dim=2)
         x = x.to(self.lora_A.dtype)  # as PEFT: the LoRA path sees the input in the LoRA dtype
         update = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
         return (result + update * self.scaling).to(result.dtype)

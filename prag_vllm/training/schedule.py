@@ -10,14 +10,17 @@ groups that round's sequences by length (by default only equal lengths: no paddi
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, field
 
 import torch
 
 from prag_vllm.augment import Augmentation
 from prag_vllm.corpus import Document
+from prag_vllm.errors import InputError
 from prag_vllm.parameterize import TrainConfig, init_seed, source_digest, step_order, training_examples
 from prag_vllm.sequences import Example
+from prag_vllm.training.partners import PartnerBank
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,9 @@ class DocPlan:
     """Digest of the document's text and augmentation (:func:`~prag_vllm.parameterize.source_digest`)."""
     teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """``kl`` sequences: teacher top-k (token ids, log-probabilities) per target, filled on admission."""
+    partners: list[list[int]] = field(default_factory=list)
+    """Merge-aware training: per step, the partner adapters (rows of the trainer's
+    :class:`~prag_vllm.training.partners.PartnerBank`) merged into this document's; empty when off."""
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -49,11 +55,27 @@ class DocPlan:
         return sum(len(self.examples[i].input_ids) for step in self.steps for i in step)
 
 
-def plan_document(doc: Document, aug: Augmentation | None, tokenizer, cfg: TrainConfig) -> DocPlan:
-    """The sequences and step order :class:`~prag_vllm.parameterize.DocumentTrainer` would use."""
+def plan_document(doc: Document, aug: Augmentation | None, tokenizer, cfg: TrainConfig,
+                  bank: PartnerBank | None = None) -> DocPlan:
+    """The sequences and step order :class:`~prag_vllm.parameterize.DocumentTrainer` would use;
+    with ``cfg.merge_partners``, each step also gets its partners and one QA pair of each."""
     examples = training_examples(doc, aug, tokenizer, cfg)
-    return DocPlan(doc=doc, seed=init_seed(cfg, doc.id), examples=examples,
+    plan = DocPlan(doc=doc, seed=init_seed(cfg, doc.id), examples=examples,
                    steps=step_order(cfg, len(examples), doc.id), source=source_digest(doc, aug))
+    if cfg.merge_partners and plan.steps:
+        if bank is None:
+            raise InputError("merge_partners is set but the trainer has no partner adapters")
+        rng = random.Random(f"partners\0{cfg.seed}\0{doc.id}")
+        index: dict[tuple[int, int], int] = {}
+        for step in plan.steps:
+            drawn = bank.draw(doc.id, cfg.merge_partners, rng)
+            for key in drawn:
+                if key not in index:
+                    index[key] = len(examples)
+                    examples.append(bank.example(tokenizer, *key, max_length=cfg.max_length))
+                step.append(index[key])
+            plan.partners.append([p for p, _ in drawn])
+    return plan
 
 
 def micro_batches(rows: list[tuple[int, list[int]]], max_tokens: int,

@@ -33,6 +33,7 @@ from prag_vllm.parameterize import TrainConfig, recipe_meta
 from prag_vllm.sequences import Example
 from prag_vllm.training.layer import attach_stacked_lora
 from prag_vllm.training.optim import SlotAdamW
+from prag_vllm.training.partners import PartnerBank
 from prag_vllm.training.schedule import DocPlan, micro_batches, plan_document
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class BatchedTrainer:
     """One frozen base model with stacked LoRAs for ``batch.slots`` documents at a time."""
 
     def __init__(self, model_path: str | os.PathLike, cfg: TrainConfig | None = None,
-                 batch: BatchConfig | None = None, model=None, tokenizer=None):
+                 batch: BatchConfig | None = None, model=None, tokenizer=None, partners: PartnerBank | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg or TrainConfig()
@@ -118,12 +119,20 @@ class BatchedTrainer:
         self.warmup = LoraAdapter.load(self.cfg.warmup_adapter) if self.cfg.warmup_adapter else None
         if self.warmup and self.warmup.r != self.cfg.rank:
             raise AdapterError(f"warm-up adapter has rank {self.warmup.r}, training uses rank {self.cfg.rank}")
+        self.partners = partners
+        if self.cfg.merge_partners:
+            if partners is None:
+                raise InputError("merge_partners is set: give the trainer its partner adapters (PartnerBank)")
+            for name, layer in self.layers.items():
+                if name not in partners.weights:
+                    raise AdapterError(f"partner adapters have no factors for {name}")
+                layer.partner_A, layer.partner_B = partners.weights[name]
         self.counters = {"rounds": 0, "micro_batches": 0, "tokens": 0, "padded_tokens": 0}
         """Totals since construction: rounds, micro-batches, real and padded tokens processed."""
 
     # -- one document in or out of a slot ---------------------------------------------------
     def plan(self, doc: Document, aug: Augmentation | None) -> DocPlan:
-        plan = plan_document(doc, aug, self.tokenizer, self.cfg)
+        plan = plan_document(doc, aug, self.tokenizer, self.cfg, self.partners)
         self._teacher(plan)
         return plan
 
@@ -143,6 +152,8 @@ class BatchedTrainer:
         adapter.meta = {"train": {**stats, **recipe_meta(self.cfg), "seed": plan.seed,
                                   "init": "warmup" if self.warmup else "random", "trainer": "batched",
                                   "source": plan.source}}
+        if self.partners is not None:
+            adapter.meta["train"]["partner_adapters"] = self.partners.name
         return TrainedDocument(plan.doc, adapter, stats)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -186,7 +197,8 @@ class BatchedTrainer:
         for slot, st in active.items():  # (a document with no sequences to train has no steps)
             idx = st.plan.steps[st.next_step]
             targets[slot] = max(1, sum(st.plan.examples[i].n_targets for i in idx))  # HF's mean denominator
-            rows += [(slot, st.plan.examples[i], st.plan.teacher.get(i)) for i in idx]
+            partners = st.plan.partners[st.next_step] if st.plan.partners else None
+            rows += [(slot, st.plan.examples[i], st.plan.teacher.get(i), partners) for i in idx]
         losses = torch.zeros(self.batch.slots, dtype=torch.float64)
         for mb in micro_batches(rows, self.batch.max_batch_tokens, self.batch.max_padding):
             self._forward_backward(mb, targets, losses)
@@ -231,17 +243,18 @@ class BatchedTrainer:
 
     def _forward_backward(self, rows: list[tuple], targets: dict[int, int], losses: torch.Tensor) -> None:
         """Forward and backward of one micro-batch; gradients accumulate in the stacked LoRAs."""
-        ids, mask = self._pad([ex.input_ids for _, ex, _ in rows])
-        slots = torch.tensor([slot for slot, _, _ in rows], dtype=torch.long)
+        ids, mask = self._pad([row[1].input_ids for row in rows])
+        slots = torch.tensor([row[0] for row in rows], dtype=torch.long)
         self.router.rows = slots
+        self.router.partners = torch.tensor([row[3] for row in rows], dtype=torch.long) if rows[0][3] else None
         # position t predicts token t+1. Every real position is projected to the vocabulary, as in
         # PEFT's forward (the same matmul shapes, so the same bits); only positions whose next token
         # is a target carry loss (HF's shifted labels with -100 elsewhere: weight 0)
         tmask = torch.zeros_like(mask, dtype=torch.bool)
-        for n, (_, ex, _) in enumerate(rows):
-            tmask[n, :len(ex.targets)] = torch.tensor(ex.targets)
+        for n, row in enumerate(rows):
+            tmask[n, :len(row[1].targets)] = torch.tensor(row[1].targets)
         valid = mask[:, 1:].bool()
-        per_row = torch.tensor([1.0 / targets[slot] for slot, _, _ in rows]).unsqueeze(1)
+        per_row = torch.tensor([1.0 / targets[row[0]] for row in rows]).unsqueeze(1)
         weight = (tmask[:, 1:].float() * per_row)[valid]
         tok_slot = slots.unsqueeze(1).expand_as(valid)[valid]
         labels = ids[:, 1:][valid]
@@ -266,7 +279,7 @@ class BatchedTrainer:
             if h.grad is not None:
                 hidden.backward(h.grad)
         finally:
-            self.router.rows = None
+            self.router.rows = self.router.partners = None
         self.counters["micro_batches"] += 1
         self.counters["tokens"] += int(mask.sum())
         self.counters["padded_tokens"] += ids.numel()
@@ -276,14 +289,14 @@ def _kl_targets(rows: list[tuple], k: int):
     """Per real position of the micro-batch (row by row, position t predicting token t+1):
     whether its next token is a ``kl`` target, and the teacher's top-k ids and log-probabilities
     there; None without ``kl`` rows."""
-    if all(teacher is None for _, _, teacher in rows):
+    if all(row[2] is None for row in rows):
         return None
-    n_tokens = sum(len(ex.input_ids) - 1 for _, ex, _ in rows)
+    n_tokens = sum(len(row[1].input_ids) - 1 for row in rows)
     is_kl = torch.zeros(n_tokens, dtype=torch.bool)
     t_idx = torch.zeros(n_tokens, k, dtype=torch.long)
     t_logp = torch.full((n_tokens, k), -torch.inf)
     pos = 0
-    for _, ex, teacher in rows:
+    for _, ex, teacher, *_ in rows:
         at = [pos + t - 1 for t in range(1, len(ex.input_ids)) if ex.targets[t]]
         if teacher is not None:
             idx, logp = teacher

@@ -81,8 +81,14 @@ class CachedDocument(NamedTuple):
     (:func:`.pools.stack_document`; ``adapter``'s factors are views of them); else empty."""
 
 
+def _part_key(source: WeightsSource, alpha: float) -> str:
+    """A cached part: the file's sha256 and the alpha its manifest gives it (a ``mean`` merge
+    weights one document's alpha by 1/k, so one file is folded differently per k)."""
+    return f"{source.sha256}@{float(alpha)!r}"
+
+
 class PartCache:
-    """Document adapters by sha256, with their scaling folded into B
+    """Document adapters by sha256 and alpha, with their scaling folded into B
     (:func:`prag_vllm.merge.folded`), least recently used first out; thread-safe (the
     ``hits``/``misses``/``hashed`` counters are statistics, not locked)."""
 
@@ -116,7 +122,8 @@ class PartCache:
 
     def document(self, source: WeightsSource, r: int, alpha: float) -> CachedDocument:
         """The document as cached (read and checked if it was not)."""
-        item = self._items.get(source.sha256)
+        key = _part_key(source, alpha)
+        item = self._items.get(key)
         if item is not None:
             self.hits += 1
             return item
@@ -139,7 +146,7 @@ class PartCache:
         nbytes = _nbytes(adapter)
         self._growth = nbytes / max(1, len(raw))
         self.misses += 1
-        return self._items.setdefault(source.sha256, CachedDocument(adapter, words, stacks), nbytes)
+        return self._items.setdefault(key, CachedDocument(adapter, words, stacks), nbytes)
 
     def preload(self, parts: list[tuple[WeightsSource, int, float]]) -> int:
         """Read ``parts`` not cached yet while they fit without evicting anything; returns
@@ -147,7 +154,7 @@ class PartCache:
         report it)."""
         n = 0
         for source, r, alpha in parts:
-            cached = source.sha256 in self._items
+            cached = _part_key(source, alpha) in self._items
             if not cached and not self._items.fits(int(source.size * self._growth)):
                 break
             if not cached:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prag_vllm.errors import AdapterError
 from prag_vllm.lru import ByteLRU
-from prag_vllm.merge import merge_adapters, merged_key, write_merge_manifest
+from prag_vllm.merge import check_merge_policy, merge_adapters, merged_key, weighted, write_merge_manifest
 from serving.adapters.doc_cache import DocAdapterCache
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class MergedAdapterLRU:
 
     def __init__(self, docs: DocAdapterCache, root: str | Path, max_entries: int, max_bytes: int,
                  on_evict: Callable[[MergedEntry], None] | None = None, *, worker_merge: bool = False,
-                 load: Callable[[MergedEntry], Awaitable[None]] | None = None):
+                 load: Callable[[MergedEntry], Awaitable[None]] | None = None, policy: str = "sum"):
         self.docs = docs
+        self.policy = check_merge_policy(policy)
+        """How the documents' updates combine (:data:`prag_vllm.merge.MERGE_POLICIES`)."""
         self.load = load
         """Loads a new entry into vLLM before anyone uses it, and a cached manifest again
         when it is acquired; if it fails, the entry is dropped and every request waiting
@@ -103,7 +105,7 @@ class MergedAdapterLRU:
         :meth:`release` with the entry when the request is done.
         """
         ids = sorted(set(doc_ids))
-        entry = self._entries.peek(merged_key(ids)) if ids else None
+        entry = self._entries.peek(merged_key(ids, self.policy)) if ids else None
         left_out: list[str] = []
         if entry is None:
             got = await asyncio.to_thread(self.docs.get_many, ids)
@@ -112,7 +114,7 @@ class MergedAdapterLRU:
             ids = usable
             if not ids:
                 return None, left_out, False
-            entry = self._entries.peek(merged_key(ids))
+            entry = self._entries.peek(merged_key(ids, self.policy))
         if entry is None:
             return await self._create(ids), left_out, False
         entry.refs += 1
@@ -143,7 +145,7 @@ class MergedAdapterLRU:
     async def _create(self, ids: list[str]) -> MergedEntry:
         """Build and load the merged adapter of ``ids`` (a miss), pinned; waiters share it."""
         self.misses += 1
-        key = merged_key(ids)
+        key = merged_key(ids, self.policy)
         entry = MergedEntry(key=key, doc_ids=tuple(ids), path=self.root / key, lora_id=self._next_id, rank=0,
                             nbytes=0, refs=1, manifest=self.worker_merge, pending=asyncio.get_running_loop().create_future())
         self._next_id += 1
@@ -170,10 +172,11 @@ class MergedAdapterLRU:
         adapters = [self.docs.get(i) for i in ids]
         if any(a is None for a in adapters):
             raise AdapterError(f"adapter of one of {ids} became unusable during the merge")
+        adapters = weighted(adapters, self.policy)  # mean: each alpha times 1/k (the factors as they are)
         if self.worker_merge:
             return sum(a.r for a in adapters), write_merge_manifest(adapters, path, ids)
         merged = merge_adapters(adapters, fold_scaling=True)  # vLLM then skips its rescale on load
-        merged.meta = {"kind": "merged", "doc_ids": ids}
+        merged.meta = {"kind": "merged", "doc_ids": ids, **({"policy": self.policy} if self.policy != "sum" else {})}
         merged.save(path, dtype=next(iter(merged.weights.values()))[0].dtype, scratch=True)
         nbytes = sum(f.stat().st_size for f in path.iterdir())
         return merged.r, nbytes
