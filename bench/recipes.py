@@ -185,6 +185,7 @@ def run(args) -> dict:
     with LazyEngine(engine_cfg) as engine:
         for dataset, r in jobs:
             rdir = out / dataset / r.replace(":", "_")
+            policy = merge_policy(r)
             if dataset == "fictional":
                 if fict is None:  # the corpus, its augmentations and index: once, shared by the recipes
                     fdir = work / f"fictional-{args.fictional_docs}-s{args.seed}"
@@ -209,24 +210,23 @@ def run(args) -> dict:
                 tcfg = train_config(r)
                 store = frun.ws.store(model_path, tcfg)  # every document, for the interference runs
                 rate = train_all(docs, augs, store, model_path, tcfg, store.root / "bench_timing.json")
-                metrics = run_eval(EvalConfig(out_dir=rdir, train=tcfg, merge_policy=merge_policy(r), **base), engine,
-                                   model_path)
+                metrics = run_eval(EvalConfig(out_dir=rdir, train=tcfg, merge_policy=policy, **base), engine, model_path)
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": rate}
                 entry["interference"] = interference(engine, fict, docs, retriever, store, args.ks, rdir,
-                                                     args.max_tokens, merge_policy(r))
+                                                     args.max_tokens, policy)
                 if 1 in args.ks:
                     entry["coverage"] = coverage(fict, augs, read_jsonl(rdir / "interference.jsonl"))
             else:
                 wiki = dict(datasets=[args.wiki], out_dir=rdir, work_dir=work / "work", per_type=args.wiki_per_type,
                             modes=MODES, top_k=3, augment=acfg, max_tokens=args.max_tokens,
-                            merge_policy=merge_policy(r))
+                            merge_policy=policy)
                 tcfg = train_config(r)
                 metrics = run_eval(EvalConfig(train=tcfg, **wiki), engine, model_path)
                 (ds,) = metrics["datasets"].values()
                 rate = (ds["offline"]["train_s_per_doc"].get(tcfg.recipe) or {}).get("random")
                 entry = {"modes": mode_table(metrics), "train_s_per_doc": round(rate, 2) if rate else None}
             entry.update(model=model_path.name, augment_model=aug_model,
-                         epochs=tcfg.epochs, merge_partners=tcfg.merge_partners, merge_policy=merge_policy(r),
+                         epochs=tcfg.epochs, merge_partners=tcfg.merge_partners, merge_policy=policy,
                          loss_policy=tcfg.loss_policy, lr=tcfg.lr, augment_prompt=PROMPT_VERSION,
                          n_qa=args.n_qa, distinct_answers=args.distinct_answers, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
             results[dataset][r] = entry

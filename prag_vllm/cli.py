@@ -79,8 +79,7 @@ def cmd_merge(args) -> int:
     if missing:
         raise InputError(f"no adapter for document(s) {missing} in {store.root}")
     merged = merge_adapters([store.load(d) for d in args.doc_id], policy=args.merge_policy)
-    merged.meta = {"kind": "merged", "doc_ids": args.doc_id,
-                   **({"policy": args.merge_policy} if args.merge_policy != "sum" else {})}
+    merged.meta["doc_ids"] = args.doc_id
     merged.save(args.out)
     print(f"merged {len(args.doc_id)} adapters into one rank-{merged.r} adapter at {args.out}")
     return 0

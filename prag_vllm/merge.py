@@ -31,6 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from prag_vllm.adapters import CONFIG_FILE, AdapterStore, LoraAdapter, WeightsSource
@@ -90,9 +91,7 @@ def weighted(adapters: list[LoraAdapter], policy: str = "sum") -> list[LoraAdapt
     times 1/k; for ``sum``, or a single adapter, the adapters themselves."""
     if check_merge_policy(policy) == "sum" or len(adapters) < 2:
         return adapters
-    w = 1.0 / len(adapters)
-    return [LoraAdapter(r=ad.r, alpha=ad.alpha * w, weights=ad.weights, base_model=ad.base_model,
-                        target_modules=ad.target_modules, meta=ad.meta, source=ad.source) for ad in adapters]
+    return [replace(ad, alpha=ad.alpha / len(adapters)) for ad in adapters]
 
 
 def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False, policy: str = "sum") -> LoraAdapter:
@@ -109,7 +108,8 @@ def merge_adapters(adapters: list[LoraAdapter], *, fold_scaling: bool = False, p
     merged = {m: (torch.cat([ad.weights[m][0] for ad in parts], dim=0),
                   torch.cat([ad.weights[m][1] for ad in parts], dim=1)) for m in modules}
     return LoraAdapter(r=rank, alpha=scaling * rank, weights=merged, base_model=adapters[0].base_model,
-                       target_modules=adapters[0].target_modules, meta={"kind": "merged"})
+                       target_modules=adapters[0].target_modules,
+                       meta={"kind": "merged", **({"policy": policy} if policy != "sum" else {})})
 
 
 def write_merge_manifest(adapters: list[LoraAdapter], directory: str | os.PathLike, doc_ids: list[str]) -> int:
@@ -185,7 +185,7 @@ class MergedAdapterCache:
         if (path / "prag_meta.json").is_file():
             return path
         merged = merge_adapters([self.store.load(i) for i in ids], policy=self.policy)
-        merged.meta = {"kind": "merged", "doc_ids": ids, **({"policy": self.policy} if self.policy != "sum" else {})}
+        merged.meta["doc_ids"] = ids
         merged.save(path, dtype=next(iter(merged.weights.values()))[0].dtype)
         logger.debug("merged %d adapters into %s", len(ids), path)
         return path

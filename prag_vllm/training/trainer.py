@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -65,6 +66,16 @@ class TrainedDocument:
     doc: Document
     adapter: LoraAdapter
     stats: dict = field(default_factory=dict)
+
+
+class _Row(NamedTuple):
+    """One sequence of a round: its slot, the sequence, its ``kl`` teacher (or None) and the
+    partner adapters merged into its slot's (merge-aware training, or None)."""
+
+    slot: int
+    example: Example
+    teacher: tuple[torch.Tensor, torch.Tensor] | None
+    partners: list[int] | None
 
 
 @dataclass
@@ -191,14 +202,14 @@ class BatchedTrainer:
 
     def _round(self, active: dict[int, _Slot]) -> None:
         """One optimizer step of every document in ``active``."""
-        rows: list[tuple[int, Example]] = []
+        rows: list[_Row] = []
         targets: dict[int, int] = {}
         active = {slot: st for slot, st in active.items() if st.next_step < len(st.plan.steps)}
         for slot, st in active.items():  # (a document with no sequences to train has no steps)
             idx = st.plan.steps[st.next_step]
             targets[slot] = max(1, sum(st.plan.examples[i].n_targets for i in idx))  # HF's mean denominator
             partners = st.plan.partners[st.next_step] if st.plan.partners else None
-            rows += [(slot, st.plan.examples[i], st.plan.teacher.get(i), partners) for i in idx]
+            rows += [_Row(slot, st.plan.examples[i], st.plan.teacher.get(i), partners) for i in idx]
         losses = torch.zeros(self.batch.slots, dtype=torch.float64)
         for mb in micro_batches(rows, self.batch.max_batch_tokens, self.batch.max_padding):
             self._forward_backward(mb, targets, losses)
@@ -241,20 +252,21 @@ class BatchedTrainer:
             top = logp.topk(min(k, logp.shape[-1]), dim=-1)
             plan.teacher[i] = (top.indices, top.values)
 
-    def _forward_backward(self, rows: list[tuple], targets: dict[int, int], losses: torch.Tensor) -> None:
+    def _forward_backward(self, rows: list[_Row], targets: dict[int, int], losses: torch.Tensor) -> None:
         """Forward and backward of one micro-batch; gradients accumulate in the stacked LoRAs."""
-        ids, mask = self._pad([row[1].input_ids for row in rows])
-        slots = torch.tensor([row[0] for row in rows], dtype=torch.long)
+        ids, mask = self._pad([row.example.input_ids for row in rows])
+        slots = torch.tensor([row.slot for row in rows], dtype=torch.long)
         self.router.rows = slots
-        self.router.partners = torch.tensor([row[3] for row in rows], dtype=torch.long) if rows[0][3] else None
+        self.router.partners = (torch.tensor([row.partners for row in rows], dtype=torch.long)
+                                if rows[0].partners else None)
         # position t predicts token t+1. Every real position is projected to the vocabulary, as in
         # PEFT's forward (the same matmul shapes, so the same bits); only positions whose next token
         # is a target carry loss (HF's shifted labels with -100 elsewhere: weight 0)
         tmask = torch.zeros_like(mask, dtype=torch.bool)
         for n, row in enumerate(rows):
-            tmask[n, :len(row[1].targets)] = torch.tensor(row[1].targets)
+            tmask[n, :len(row.example.targets)] = torch.tensor(row.example.targets)
         valid = mask[:, 1:].bool()
-        per_row = torch.tensor([1.0 / targets[row[0]] for row in rows]).unsqueeze(1)
+        per_row = torch.tensor([1.0 / targets[row.slot] for row in rows]).unsqueeze(1)
         weight = (tmask[:, 1:].float() * per_row)[valid]
         tok_slot = slots.unsqueeze(1).expand_as(valid)[valid]
         labels = ids[:, 1:][valid]
@@ -285,18 +297,18 @@ class BatchedTrainer:
         self.counters["padded_tokens"] += ids.numel()
 
 
-def _kl_targets(rows: list[tuple], k: int):
+def _kl_targets(rows: list[_Row], k: int):
     """Per real position of the micro-batch (row by row, position t predicting token t+1):
     whether its next token is a ``kl`` target, and the teacher's top-k ids and log-probabilities
     there; None without ``kl`` rows."""
-    if all(row[2] is None for row in rows):
+    if all(row.teacher is None for row in rows):
         return None
-    n_tokens = sum(len(row[1].input_ids) - 1 for row in rows)
+    n_tokens = sum(len(row.example.input_ids) - 1 for row in rows)
     is_kl = torch.zeros(n_tokens, dtype=torch.bool)
     t_idx = torch.zeros(n_tokens, k, dtype=torch.long)
     t_logp = torch.full((n_tokens, k), -torch.inf)
     pos = 0
-    for _, ex, teacher, *_ in rows:
+    for _, ex, teacher, _ in rows:
         at = [pos + t - 1 for t in range(1, len(ex.input_ids)) if ex.targets[t]]
         if teacher is not None:
             idx, logp = teacher

@@ -172,11 +172,10 @@ class MergedAdapterLRU:
         adapters = [self.docs.get(i) for i in ids]
         if any(a is None for a in adapters):
             raise AdapterError(f"adapter of one of {ids} became unusable during the merge")
-        adapters = weighted(adapters, self.policy)  # mean: each alpha times 1/k (the factors as they are)
-        if self.worker_merge:
-            return sum(a.r for a in adapters), write_merge_manifest(adapters, path, ids)
-        merged = merge_adapters(adapters, fold_scaling=True)  # vLLM then skips its rescale on load
-        merged.meta = {"kind": "merged", "doc_ids": ids, **({"policy": self.policy} if self.policy != "sum" else {})}
+        if self.worker_merge:  # mean: the parts' alphas times 1/k (the factors as they are)
+            return sum(a.r for a in adapters), write_merge_manifest(weighted(adapters, self.policy), path, ids)
+        merged = merge_adapters(adapters, fold_scaling=True, policy=self.policy)  # vLLM then skips its rescale
+        merged.meta["doc_ids"] = ids
         merged.save(path, dtype=next(iter(merged.weights.values()))[0].dtype, scratch=True)
         nbytes = sum(f.stat().st_size for f in path.iterdir())
         return merged.r, nbytes
